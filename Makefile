@@ -1,0 +1,60 @@
+# Lockgate's tasks. `make run` and `make test` are the two commands a new
+# user needs; both install what they need into .venv first.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+REPO   ?= models/repository
+HOST   ?= 127.0.0.1
+ARGS   ?=
+STAMP  := $(VENV)/.installed
+PROTOS := $(wildcard protos/lockgate_client/_proto/*.proto)
+
+.PHONY: help install models run test lint typecheck check-protos protos bench fuzz soak clean
+
+help:  ## list the tasks
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv and install the server, the client and the dev tools
+
+$(STAMP): pyproject.toml client/pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Lockgate needs Python 3.11 or newer")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ./client -e '.[dev]'
+	touch $(STAMP)
+
+models: $(STAMP)  ## build the example ONNX models into models/repository
+	$(PY) models/build.py --out $(REPO)
+
+run: models  ## install, build the models, and serve them on 127.0.0.1:8001
+	$(VENV)/bin/lockgate serve --model-repository $(REPO) --host $(HOST) $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy server/lockgate client/lockgate_client models tests
+
+check-protos: $(STAMP)  ## prove the generated code matches protos/
+	$(PY) tools/gen_protos.py --check
+
+protos: $(STAMP)  ## regenerate client/lockgate_client/_proto from protos/
+	$(PY) tools/gen_protos.py
+
+test: $(STAMP)  ## install, lint, type-check and run the test suite
+	$(MAKE) --no-print-directory lint typecheck check-protos
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: models  ## benchmark: in-process ORT vs echo ceiling vs Lockgate, batched vs not
+	$(PY) bench/run.py --repository $(REPO) $(ARGS)
+
+fuzz: $(STAMP)  ## a long fuzzing pass against a live server
+	LOCKGATE_FUZZ_EXAMPLES=5000 $(PY) -m pytest tests/test_fuzz.py -q
+
+soak: models  ## mixed traffic for SOAK_SECONDS (default 600); reports RSS growth
+	$(PY) bench/soak.py --repository $(REPO) $(ARGS)
+
+clean:
+	rm -rf $(VENV) $(REPO) build dist .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,243 @@
+"""``lockgate serve|infer|models|stats|bench``: argument parsing only."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lockgate import __version__
+from lockgate.config import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_METRICS_PORT,
+    MAX_MESSAGE_BYTES,
+    ServerConfig,
+    env_default,
+)
+from lockgate.logs import configure_logging
+
+log = logging.getLogger("lockgate")
+
+
+def _env(flag: str, default: Any) -> Any:
+    """Default for --FLAG: LOCKGATE_FLAG from the environment, else ``default``."""
+    value = env_default(flag)
+    if value is None:
+        return default
+    if isinstance(default, bool):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, list):
+        return [v for v in value.replace(",", " ").split() if v]
+    return value
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve a model repository over gRPC",
+        description=(
+            "Serve ONNX models over the KServe v2 / Triton gRPC protocol. Every flag can "
+            "also be set by an environment variable LOCKGATE_<FLAG>, e.g. LOCKGATE_GRPC_PORT."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument(
+        "model",
+        nargs="*",
+        metavar="MODEL.onnx",
+        help="serve these .onnx files directly, each as version 1 of a model named after it",
+    )
+    where = serve.add_argument_group("models")
+    where.add_argument(
+        "--model-repository",
+        action="append",
+        default=_env("model-repository", []),
+        metavar="DIR",
+        help="Triton-layout repository: DIR/<model>/config.pbtxt, DIR/<model>/<version>/"
+        "model.onnx (repeatable)",
+    )
+    where.add_argument(
+        "--model-control-mode",
+        choices=["none", "explicit", "poll"],
+        default=_env("model-control-mode", "none"),
+        help="none: load everything at start; explicit: load/unload over gRPC; "
+        "poll: reload when the repository changes",
+    )
+    where.add_argument(
+        "--load-model",
+        action="append",
+        dest="load_models",
+        default=_env("load-model", []),
+        metavar="NAME",
+        help="explicit mode: models to load at start ('*' for all)",
+    )
+    where.add_argument(
+        "--repository-poll-secs", type=float, default=_env("repository-poll-secs", 15.0)
+    )
+    where.add_argument(
+        "--default-max-batch-size",
+        type=int,
+        default=_env("default-max-batch-size", 4),
+        help="max_batch_size given to batchable models whose config does not set one",
+    )
+    net = serve.add_argument_group("network")
+    net.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on")
+    net.add_argument("--grpc-port", type=int, default=_env("grpc-port", DEFAULT_GRPC_PORT))
+    net.add_argument(
+        "--metrics-port", type=int, default=_env("metrics-port", DEFAULT_METRICS_PORT)
+    )
+    net.add_argument(
+        "--metrics",
+        action=argparse.BooleanOptionalAction,
+        default=_env("metrics", True),
+        help="serve Prometheus metrics on --metrics-port at /metrics",
+    )
+    net.add_argument(
+        "--max-message-bytes", type=int, default=_env("max-message-bytes", MAX_MESSAGE_BYTES)
+    )
+    net.add_argument(
+        "--grpc-max-connection-age",
+        type=float,
+        default=_env("grpc-max-connection-age", None),
+        metavar="SECONDS",
+        help="close client connections after this long so load rebalances to new replicas",
+    )
+    net.add_argument(
+        "--grpc-keepalive-time",
+        type=float,
+        default=_env("grpc-keepalive-time", None),
+        metavar="SECONDS",
+    )
+    life = serve.add_argument_group("lifecycle")
+    life.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=_env("drain-seconds", 30.0),
+        help="on SIGTERM, time allowed to finish accepted requests before exit",
+    )
+    life.add_argument(
+        "--strict-readiness",
+        action=argparse.BooleanOptionalAction,
+        default=_env("strict-readiness", True),
+        help="ready only when every model is ready (else: once startup loading is done)",
+    )
+    sec = serve.add_argument_group("security")
+    sec.add_argument("--tls-cert", default=_env("tls-cert", None), metavar="FILE")
+    sec.add_argument("--tls-key", default=_env("tls-key", None), metavar="FILE")
+    sec.add_argument(
+        "--tls-client-ca",
+        default=_env("tls-client-ca", None),
+        metavar="FILE",
+        help="require client certificates signed by this CA (mTLS)",
+    )
+    sec.add_argument(
+        "--auth-token-file",
+        default=_env("auth-token-file", None),
+        metavar="FILE",
+        help="bearer tokens, one per line: TOKEN [infer|control]",
+    )
+    obs = serve.add_argument_group("observability")
+    obs.add_argument("--log-level", default=_env("log-level", "info"))
+    obs.add_argument("--log-format", choices=["text", "json"], default=_env("log-format", "text"))
+    obs.add_argument(
+        "--trace",
+        action=argparse.BooleanOptionalAction,
+        default=_env("trace", False),
+        help="OpenTelemetry tracing (exporter and sampling from OTEL_* variables)",
+    )
+    serve.set_defaults(func=run_serve)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    repositories = list(args.model_repository) + list(args.model)
+    if not repositories:
+        raise SystemExit("lockgate serve: give --model-repository DIR or a MODEL.onnx path")
+    return ServerConfig(
+        model_repository=repositories,
+        host=args.host,
+        grpc_port=int(args.grpc_port),
+        metrics_port=int(args.metrics_port),
+        metrics=bool(args.metrics),
+        model_control_mode=args.model_control_mode,
+        load_models=list(args.load_models),
+        repository_poll_secs=float(args.repository_poll_secs),
+        default_max_batch_size=int(args.default_max_batch_size),
+        strict_readiness=bool(args.strict_readiness),
+        drain_seconds=float(args.drain_seconds),
+        grpc_max_connection_age=_float_or_none(args.grpc_max_connection_age),
+        grpc_keepalive_time=_float_or_none(args.grpc_keepalive_time),
+        max_message_bytes=int(args.max_message_bytes),
+        log_format=args.log_format,
+        log_level=args.log_level,
+        trace=bool(args.trace),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token_file=args.auth_token_file,
+    )
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value in (None, "", "0") else float(value)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    configure_logging(config.log_level, config.log_format)
+    from lockgate.server import LockgateServer
+
+    async def main() -> None:
+        server = LockgateServer(config)
+        try:
+            await server.start()
+        except BaseException:
+            await server.abort()
+            raise
+        await server.serve()
+
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(main())
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def _loop_factory() -> Any:
+    """uvloop where it installs: measured fastest for grpc.aio under concurrency."""
+    try:
+        import uvloop
+    except ImportError:  # Windows: the default loop works too
+        return None
+    return uvloop.new_event_loop
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lockgate",
+        description="Lockgate: a Triton-compatible gRPC model server for ONNX models.",
+    )
+    parser.add_argument("--version", action="version", version=f"lockgate {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve_command(subparsers)
+    try:
+        from lockgate.commands import add_client_commands
+    except ImportError:  # the client commands are optional during development
+        pass
+    else:
+        add_client_commands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

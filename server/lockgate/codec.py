@@ -1,0 +1,298 @@
+"""Wire tensors to numpy and back, with every check a request must pass.
+
+Decoding validates against the model's precomputed ``TensorSpec``s and
+returns numpy views over the request's own bytes where it can (raw fixed-size
+tensors are never copied). Encoding always answers in
+``raw_output_contents``: tritonclient decodes outputs only from there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from lockgate_client._proto import grpc_service_pb2 as pb
+from lockgate_client.datatypes import (
+    CONTENTS_FIELD,
+    WIRE_DTYPES,
+    BytesFormatError,
+    deserialize_bytes,
+    serialize_bytes,
+)
+
+from lockgate.errors import InvalidInputError
+from lockgate.request import Array, InferRequest
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One model input or output, precomputed at load for the hot path."""
+
+    name: str
+    #: KServe datatype string ("FP32", "BYTES", ...).
+    datatype: str
+    #: Shape without the batch dimension; -1 is variable.
+    dims: tuple[int, ...]
+    optional: bool = False
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return WIRE_DTYPES[self.datatype]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-request limits that protect the server's memory."""
+
+    max_batch_size: int
+    max_elements: int = 2**28
+    max_bytes_element: int = 64 * 2**20
+
+
+# Integer ranges for typed contents narrower than their protobuf field.
+_INT_RANGES = {
+    name: (int(np.iinfo(dt).min), int(np.iinfo(dt).max))
+    for name, dt in WIRE_DTYPES.items()
+    if dt.kind in "iu"
+}
+
+
+def decode_request(
+    request: pb.ModelInferRequest,
+    inputs: dict[str, TensorSpec],
+    output_names: frozenset[str],
+    limits: Limits,
+) -> InferRequest:
+    """Validate ``request`` against the model and build an ``InferRequest``."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInputError(
+            f"raw_input_contents has {len(raw)} entries but the request has "
+            f"{len(request.inputs)} inputs; send one entry per input, in order"
+        )
+    batched = limits.max_batch_size > 0
+    arrays: dict[str, Array] = {}
+    rows = 1
+    shape_key: list[tuple[int, ...]] = []
+    for index, tensor in enumerate(request.inputs):
+        spec = inputs.get(tensor.name)
+        if spec is None:
+            raise InvalidInputError(
+                f"unexpected input '{tensor.name}': the model's inputs are {sorted(inputs)}"
+            )
+        if tensor.name in arrays:
+            raise InvalidInputError(f"input '{tensor.name}' is given more than once")
+        shape = _check_shape(tensor, spec, limits)
+        if tensor.datatype != spec.datatype:
+            raise InvalidInputError(
+                f"input '{tensor.name}' has datatype {tensor.datatype or '(empty)'}, "
+                f"expected {spec.datatype}"
+            )
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidInputError(
+                    f"input '{tensor.name}' has typed contents while the request uses "
+                    "raw_input_contents; use one or the other"
+                )
+            array = _from_raw(raw[index], tensor.name, spec.datatype, shape, limits)
+        else:
+            array = _from_contents(tensor, spec.datatype, shape)
+        if batched:
+            input_rows = shape[0]
+            if arrays and input_rows != rows:
+                raise InvalidInputError(
+                    f"input '{tensor.name}' has batch size {input_rows} but an earlier "
+                    f"input has {rows}; all inputs must agree"
+                )
+            rows = input_rows
+            shape_key.append(shape[1:])
+        else:
+            shape_key.append(shape)
+        arrays[tensor.name] = array
+    if len(arrays) != len(inputs):
+        missing = [n for n, s in inputs.items() if n not in arrays and not s.optional]
+        if missing:
+            raise InvalidInputError(f"missing required input(s): {', '.join(missing)}")
+    requested = _requested_outputs(request, output_names)
+    decoded = InferRequest(
+        inputs=arrays,
+        rows=rows,
+        outputs=requested,
+        shape_key=tuple(shape_key),
+        request_id=request.id,
+    )
+    if request.parameters:
+        decoded.priority = _uint_parameter(request, "priority")
+        decoded.timeout_us = _uint_parameter(request, "timeout")
+    return decoded
+
+
+def _uint_parameter(request: pb.ModelInferRequest, key: str) -> int:
+    """A non-negative integer request parameter (``priority``, ``timeout`` in µs)."""
+    if key not in request.parameters:
+        return 0
+    value = request.parameters[key]
+    kind = value.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidInputError(f"parameter '{key}' must be an integer, got {kind or 'nothing'}")
+    number = int(getattr(value, kind))
+    if number < 0:
+        raise InvalidInputError(f"parameter '{key}' must not be negative, got {number}")
+    return number
+
+
+def _check_shape(
+    tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec, limits: Limits
+) -> tuple[int, ...]:
+    shape = tuple(tensor.shape)
+    batched = limits.max_batch_size > 0
+    expected = ((-1,) if batched else ()) + spec.dims
+    if len(shape) != len(expected) or any(
+        want != -1 and got != want for got, want in zip(shape, expected, strict=True)
+    ):
+        raise InvalidInputError(
+            f"input '{tensor.name}' has shape {list(shape)}, expected {list(expected)}"
+            + (" (first dimension is the batch size)" if batched else "")
+        )
+    if any(d < 0 for d in shape):
+        raise InvalidInputError(f"input '{tensor.name}' has a negative dimension: {list(shape)}")
+    if batched and not 1 <= shape[0] <= limits.max_batch_size:
+        raise InvalidInputError(
+            f"input '{tensor.name}' has batch size {shape[0]}, which is outside "
+            f"1..max_batch_size ({limits.max_batch_size})"
+        )
+    if math.prod(shape) > limits.max_elements:
+        raise InvalidInputError(
+            f"input '{tensor.name}' has {math.prod(shape)} elements, more than the "
+            f"server's limit of {limits.max_elements}"
+        )
+    return shape
+
+
+def _from_raw(
+    data: bytes, name: str, datatype: str, shape: tuple[int, ...], limits: Limits
+) -> Array:
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        try:
+            items = deserialize_bytes(data, count)
+        except BytesFormatError as exc:
+            raise InvalidInputError(f"input '{name}': {exc}") from None
+        return _bytes_to_text(items, name, limits).reshape(shape)
+    dtype = WIRE_DTYPES[datatype]
+    expected = count * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidInputError(
+            f"input '{name}' has {len(data)} bytes of raw content, expected {expected} "
+            f"({datatype} with shape {list(shape)})"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _from_contents(
+    tensor: pb.ModelInferRequest.InferInputTensor, datatype: str, shape: tuple[int, ...]
+) -> Array:
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidInputError(
+            f"input '{tensor.name}': {datatype} has no typed contents field; "
+            "send it in raw_input_contents"
+        )
+    values = getattr(tensor.contents, field)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidInputError(
+            f"input '{tensor.name}' has {len(values)} elements in contents.{field}, "
+            f"expected {count} for shape {list(shape)}"
+        )
+    if datatype == "BYTES":
+        items = np.empty(count, dtype=np.object_)
+        items[:] = list(values)
+        return _bytes_to_text(items, tensor.name, None).reshape(shape)
+    dtype = WIRE_DTYPES[datatype]
+    if datatype in _INT_RANGES and count:
+        low, high = _INT_RANGES[datatype]
+        wide = np.array(values, dtype=np.uint64 if datatype == "UINT64" else np.int64)
+        if int(wide.min()) < low or int(wide.max()) > high:
+            raise InvalidInputError(
+                f"input '{tensor.name}': contents.{field} holds values outside {datatype}'s "
+                f"range {low}..{high}"
+            )
+        return wide.astype(dtype).reshape(shape)
+    return np.array(values, dtype=dtype).reshape(shape)
+
+
+def _bytes_to_text(items: Array, name: str, limits: Limits | None) -> Array:
+    """ONNX Runtime string tensors take Python str: decode each element as UTF-8."""
+    out = np.empty(items.shape, dtype=np.object_)
+    for i, item in enumerate(items):
+        if limits is not None and len(item) > limits.max_bytes_element:
+            raise InvalidInputError(
+                f"input '{name}' element {i} is {len(item)} bytes, more than the "
+                f"server's limit of {limits.max_bytes_element}"
+            )
+        try:
+            out[i] = item.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInputError(
+                f"input '{name}' element {i} is not valid UTF-8; ONNX Runtime string "
+                "tensors hold text"
+            ) from None
+    return out
+
+
+def _requested_outputs(
+    request: pb.ModelInferRequest, output_names: frozenset[str]
+) -> list[str] | None:
+    if not request.outputs:
+        return None
+    names = [o.name for o in request.outputs]
+    for name in names:
+        if name not in output_names:
+            raise InvalidInputError(
+                f"unknown output '{name}' requested: the model's outputs are "
+                f"{sorted(output_names)}"
+            )
+    if len(set(names)) != len(names):
+        raise InvalidInputError("an output is requested more than once")
+    return names
+
+
+def encode_response(
+    model_name: str,
+    model_version: str,
+    request_id: str,
+    outputs: dict[str, Array],
+    datatypes: dict[str, str],
+    order: list[str],
+) -> pb.ModelInferResponse:
+    """Build the response; every tensor goes in ``raw_output_contents``."""
+    tensors = []
+    raws = []
+    for name in order:
+        array = outputs[name]
+        datatype = datatypes[name]
+        tensors.append(
+            pb.ModelInferResponse.InferOutputTensor(
+                name=name, datatype=datatype, shape=array.shape
+            )
+        )
+        raws.append(_to_raw(array, datatype))
+    return pb.ModelInferResponse(
+        model_name=model_name,
+        model_version=model_version,
+        id=request_id,
+        outputs=tensors,
+        raw_output_contents=raws,
+    )
+
+
+def _to_raw(array: Array, datatype: str) -> bytes:
+    if datatype == "BYTES":
+        return serialize_bytes(array)
+    dtype = WIRE_DTYPES[datatype]
+    if array.dtype != dtype:
+        array = array.astype(dtype)
+    return array.tobytes()

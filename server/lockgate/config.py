@@ -1,0 +1,289 @@
+"""Server settings (flags and environment) and model configuration loading.
+
+``ServerConfig`` is the one typed object every part of the server reads its
+settings from. Model configuration stays Triton's protobuf message
+(``ModelConfig``), parsed from ``config.pbtxt`` with protobuf's text format
+and auto-completed from the ONNX model the way Triton's ONNX Runtime backend
+does it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from google.protobuf import json_format, text_format
+from lockgate_client._proto import model_config_pb2 as mc
+from lockgate_client.datatypes import CONFIG_TO_WIRE
+
+from lockgate.errors import ModelLoadError
+
+ModelControlMode = Literal["none", "explicit", "poll"]
+
+#: Triton's default gRPC and metrics ports.
+DEFAULT_GRPC_PORT = 8001
+DEFAULT_METRICS_PORT = 8002
+#: gRPC's own ceiling for one message (2 GiB - 1).
+MAX_MESSAGE_BYTES = 2**31 - 1
+
+PLATFORM = "onnxruntime_onnx"
+BACKEND = "onnxruntime"
+DEFAULT_MODEL_FILENAME = "model.onnx"
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``lockgate serve`` can be told, by flag or LOCKGATE_* env."""
+
+    model_repository: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    grpc_port: int = DEFAULT_GRPC_PORT
+    metrics_port: int = DEFAULT_METRICS_PORT
+    metrics: bool = True
+    model_control_mode: ModelControlMode = "none"
+    load_models: list[str] = field(default_factory=list)
+    repository_poll_secs: float = 15.0
+    default_max_batch_size: int = 4
+    strict_readiness: bool = True
+    drain_seconds: float = 30.0
+    grpc_max_connection_age: float | None = None
+    grpc_keepalive_time: float | None = None
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "info"
+    trace: bool = False
+    trace_ratio: float = 1.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_token_file: str | None = None
+    max_tensor_elements: int = 2**28
+    max_bytes_element: int = 64 * 2**20
+    max_concurrent_streams: int = 1024
+
+
+# --- model configuration ---------------------------------------------------
+
+
+def parse_model_config(text: str, source: str) -> mc.ModelConfig:
+    """Parse Triton text-format config; errors name the file and the line."""
+    config = mc.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ModelLoadError(f"{source}: {exc}") from None
+    return config
+
+
+def parse_config_override(text: str, source: str) -> mc.ModelConfig:
+    """Parse the JSON config passed to RepositoryModelLoad (Triton's format)."""
+    config = mc.ModelConfig()
+    try:
+        json_format.Parse(text, config)
+    except (json_format.ParseError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{source}: invalid JSON model config: {exc}") from None
+    return config
+
+
+def read_model_config(model_dir: Path) -> mc.ModelConfig:
+    """Read ``config.pbtxt`` if present; an empty config otherwise."""
+    path = model_dir / "config.pbtxt"
+    if not path.is_file():
+        return mc.ModelConfig()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+    return parse_model_config(text, str(path))
+
+
+#: ONNX Runtime's type strings ("tensor(float)") -> model-config enum values.
+ORT_TO_CONFIG: dict[str, int] = {
+    "tensor(bool)": mc.TYPE_BOOL,
+    "tensor(uint8)": mc.TYPE_UINT8,
+    "tensor(uint16)": mc.TYPE_UINT16,
+    "tensor(uint32)": mc.TYPE_UINT32,
+    "tensor(uint64)": mc.TYPE_UINT64,
+    "tensor(int8)": mc.TYPE_INT8,
+    "tensor(int16)": mc.TYPE_INT16,
+    "tensor(int32)": mc.TYPE_INT32,
+    "tensor(int64)": mc.TYPE_INT64,
+    "tensor(float16)": mc.TYPE_FP16,
+    "tensor(float)": mc.TYPE_FP32,
+    "tensor(double)": mc.TYPE_FP64,
+    "tensor(string)": mc.TYPE_STRING,
+    "tensor(bfloat16)": mc.TYPE_BF16,
+}
+
+
+@dataclass(frozen=True)
+class OnnxTensor:
+    """What the ONNX model itself says about one input or output."""
+
+    name: str
+    ort_type: str
+    #: -1 for symbolic or unknown dimensions.
+    shape: tuple[int, ...]
+
+
+def _all_batchable(tensors: list[OnnxTensor]) -> bool:
+    return all(len(t.shape) >= 1 and t.shape[0] == -1 for t in tensors)
+
+
+def complete_config(
+    config: mc.ModelConfig,
+    name: str,
+    inputs: list[OnnxTensor],
+    outputs: list[OnnxTensor],
+    default_max_batch_size: int,
+    has_config_file: bool,
+) -> None:
+    """Fill what ``config.pbtxt`` left out from the ONNX model, in place.
+
+    Mirrors Triton's ONNX Runtime backend: names, datatypes and dims come from
+    the graph; a model whose every input and output has a variable first
+    dimension is batchable and gets ``max_batch_size`` =
+    ``default_max_batch_size`` (and dynamic batching) when the config does not
+    say otherwise.
+    """
+    config.name = config.name or name
+    if config.name != name:
+        raise ModelLoadError(
+            f"config.pbtxt names model '{config.name}' but its directory is '{name}'"
+        )
+    if config.platform and config.platform != PLATFORM:
+        raise ModelLoadError(
+            f"model '{name}': platform '{config.platform}' is not supported; "
+            f"Lockgate serves '{PLATFORM}' models"
+        )
+    if config.backend and config.backend != BACKEND:
+        raise ModelLoadError(
+            f"model '{name}': backend '{config.backend}' is not supported; use '{BACKEND}'"
+        )
+    config.platform = PLATFORM
+    config.backend = BACKEND
+    if not config.default_model_filename:
+        config.default_model_filename = DEFAULT_MODEL_FILENAME
+
+    infer_batching = (
+        config.max_batch_size == 0
+        and not config.input
+        and not config.output
+        and default_max_batch_size > 0
+        and _all_batchable(inputs + outputs)
+    )
+    if infer_batching:
+        config.max_batch_size = default_max_batch_size
+        if config.max_batch_size > 1 and config.WhichOneof("scheduling_choice") is None:
+            config.dynamic_batching.SetInParent()
+    _complete_tensors(config, inputs, is_input=True)
+    _complete_tensors(config, outputs, is_input=False)
+    if not config.instance_group:
+        config.instance_group.add(count=1)
+    for group in config.instance_group:
+        if group.count == 0:
+            group.count = 1
+    if not config.HasField("version_policy"):
+        config.version_policy.latest.num_versions = 1
+    del has_config_file  # Triton treats a missing and an empty file alike.
+
+
+def _complete_tensors(config: mc.ModelConfig, tensors: list[OnnxTensor], is_input: bool) -> None:
+    declared = config.input if is_input else config.output
+    kind = "input" if is_input else "output"
+    by_name = {t.name: t for t in tensors}
+    batch_dims = 1 if config.max_batch_size > 0 else 0
+    if not declared:
+        for tensor in tensors:
+            entry = declared.add()
+            entry.name = tensor.name
+            entry.data_type = _config_type(tensor, config.name)  # type: ignore[assignment]
+            entry.dims.extend(tensor.shape[batch_dims:])
+        return
+    for entry in declared:
+        onnx = by_name.get(entry.name)
+        if onnx is None:
+            raise ModelLoadError(
+                f"model '{config.name}': config {kind} '{entry.name}' is not in the ONNX "
+                f"model, which has {sorted(by_name)}"
+            )
+        want = _config_type(onnx, config.name)
+        if entry.data_type == mc.TYPE_INVALID:
+            entry.data_type = want  # type: ignore[assignment]
+        elif entry.data_type != want:
+            raise ModelLoadError(
+                f"model '{config.name}': {kind} '{entry.name}' is "
+                f"{mc.DataType.Name(entry.data_type)} in config.pbtxt but "
+                f"{mc.DataType.Name(want)} in the ONNX model"
+            )
+        if not entry.dims and not entry.HasField("reshape"):
+            entry.dims.extend(onnx.shape[batch_dims:])
+
+
+def _config_type(tensor: OnnxTensor, model: str) -> int:
+    try:
+        return ORT_TO_CONFIG[tensor.ort_type]
+    except KeyError:
+        raise ModelLoadError(
+            f"model '{model}': tensor '{tensor.name}' has type {tensor.ort_type}, "
+            "which the KServe v2 protocol cannot carry"
+        ) from None
+
+
+def validate_config(config: mc.ModelConfig) -> None:
+    """Reject configurations Lockgate would silently mis-serve."""
+    name = config.name
+    if config.max_batch_size < 0:
+        raise ModelLoadError(f"model '{name}': max_batch_size must be >= 0")
+    scheduling = config.WhichOneof("scheduling_choice")
+    if scheduling in ("sequence_batching", "ensemble_scheduling"):
+        raise ModelLoadError(f"model '{name}': {scheduling} is not supported by Lockgate")
+    if config.model_transaction_policy.decoupled:
+        raise ModelLoadError(f"model '{name}': decoupled models are not supported")
+    if config.batch_input or config.batch_output:
+        raise ModelLoadError(f"model '{name}': batch_input/batch_output are not supported")
+    if scheduling == "dynamic_batching" and config.max_batch_size == 0:
+        raise ModelLoadError(
+            f"model '{name}': dynamic_batching needs max_batch_size > 0 "
+            "(the model must have a batch dimension)"
+        )
+    batching = config.dynamic_batching
+    for size in batching.preferred_batch_size:
+        if size <= 0 or size > config.max_batch_size:
+            raise ModelLoadError(
+                f"model '{name}': preferred_batch_size {size} must be in "
+                f"1..max_batch_size ({config.max_batch_size})"
+            )
+    if batching.priority_levels and not (
+        1 <= (batching.default_priority_level or 1) <= batching.priority_levels
+    ):
+        raise ModelLoadError(
+            f"model '{name}': default_priority_level must be in 1..priority_levels"
+        )
+    for tensor in list(config.input) + list(config.output):
+        if tensor.data_type not in (mc.TYPE_INVALID,) and (
+            mc.DataType.Name(tensor.data_type) not in CONFIG_TO_WIRE
+        ):
+            raise ModelLoadError(f"model '{name}': tensor '{tensor.name}' has no datatype")
+        if any(d < -1 or d == 0 for d in tensor.dims):
+            raise ModelLoadError(
+                f"model '{name}': tensor '{tensor.name}' dims {list(tensor.dims)} must be "
+                "positive or -1"
+            )
+    for tensor in list(config.input) + list(config.output):
+        if tensor.HasField("reshape"):
+            raise ModelLoadError(
+                f"model '{name}': tensor '{tensor.name}' uses reshape, which Lockgate does "
+                "not support yet; export the model with the shape clients send"
+            )
+    for group in config.instance_group:
+        if group.count < 0:
+            raise ModelLoadError(f"model '{name}': instance_group count must be >= 1")
+
+
+def env_default(flag: str, default: str | None = None) -> str | None:
+    """LOCKGATE_<FLAG> from the environment, e.g. LOCKGATE_GRPC_PORT."""
+    return os.environ.get("LOCKGATE_" + flag.upper().replace("-", "_"), default)

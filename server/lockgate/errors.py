@@ -1,0 +1,89 @@
+"""Lockgate's error kinds and their one mapping to gRPC status codes.
+
+Code anywhere below the servicer raises a ``LockgateError`` subclass; the
+servicer translates it at the edge (``servicer._abort``). The kind decides
+the status code, so a missing model and a crashed one never look alike.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class LockgateError(Exception):
+    """Base class: an error with a message meant for the caller."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def reason(self) -> str:
+        """Short label for metrics (``nv_inference_request_failure{reason}``)."""
+        return self.code.name
+
+
+class InvalidInputError(LockgateError):
+    """The request is malformed: wrong datatype, shape, size, names..."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFoundError(LockgateError):
+    """No such model, or no such version of it."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ModelUnavailableError(LockgateError):
+    """The model exists but is not ready (loading, failed, unloading, draining)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class QueueFullError(LockgateError):
+    """The model's queue is at ``max_queue_size``: rejected at once."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class RequestTimeoutError(LockgateError):
+    """The request's deadline or queue timeout passed before it ran."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class RequestCancelledError(LockgateError):
+    """The caller went away before the request ran."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class ExecutionError(LockgateError):
+    """ONNX Runtime rejected the inputs while running the model.
+
+    Reported as INVALID_ARGUMENT: every case we can trigger comes from the
+    request's data (an out-of-range index, a shape the graph cannot take).
+    """
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotAllowedError(LockgateError):
+    """The operation is switched off by the server's configuration."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class UnsupportedError(LockgateError):
+    """A protocol feature Lockgate does not implement."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class ModelLoadError(LockgateError):
+    """A model could not be loaded; the reason goes to RepositoryIndex."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT

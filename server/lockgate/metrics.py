@@ -1,0 +1,183 @@
+"""Prometheus metrics, read at scrape time from the models' own statistics.
+
+Nothing here runs per request: a custom collector turns each ModelStats into
+Triton's metric families (same names and labels, so existing dashboards
+work) plus Lockgate's histograms, whenever /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    GCCollector,
+    ProcessCollector,
+)
+from prometheus_client.utils import floatToGoString
+from prometheus_client.core import (
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from lockgate.config import ServerConfig
+from lockgate.repository import ModelRepository
+from lockgate.stats import Histogram
+
+log = logging.getLogger("lockgate.metrics")
+
+LABELS = ["model", "version"]
+
+
+class ModelCollector(Collector):
+    """Exposes every ready model version's statistics."""
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self._repository = repository
+
+    def collect(self) -> Iterator[Metric]:
+        models = self._repository.ready_models()
+
+        def counter(name: str, doc: str) -> TritonCounter:
+            return TritonCounter(name, doc)
+
+        success = counter("nv_inference_request_success", "Successful inference requests")
+        failure = counter("nv_inference_request_failure", "Failed inference requests, by reason")
+        count = counter("nv_inference_count", "Inferences performed (a batch of 8 counts 8)")
+        execs = counter("nv_inference_exec_count", "Model executions (batches) performed")
+        request_us = counter(
+            "nv_inference_request_duration_us", "Cumulative request duration in microseconds"
+        )
+        queue_us = counter(
+            "nv_inference_queue_duration_us", "Cumulative time requests spent queued (µs)"
+        )
+        input_us = counter(
+            "nv_inference_compute_input_duration_us", "Cumulative compute input time (µs)"
+        )
+        infer_us = counter(
+            "nv_inference_compute_infer_duration_us", "Cumulative compute infer time (µs)"
+        )
+        output_us = counter(
+            "nv_inference_compute_output_duration_us", "Cumulative compute output time (µs)"
+        )
+        pending = GaugeMetricFamily(
+            "nv_inference_pending_request_count",
+            "Requests waiting in the queue for an instance",
+            labels=LABELS,
+        )
+        load = GaugeMetricFamily(
+            "nv_model_load_duration_secs", "Time the model version took to load", labels=LABELS
+        )
+        ready = GaugeMetricFamily(
+            "lockgate_model_ready", "1 when the model version is ready", labels=LABELS
+        )
+        histograms = {
+            "request": _histogram("lockgate_request_duration_seconds", "Request duration"),
+            "queue": _histogram("lockgate_queue_duration_seconds", "Time spent queued"),
+            "compute": _histogram("lockgate_compute_duration_seconds", "Batch compute time"),
+            "batch": _histogram("lockgate_batch_size", "Rows per execution"),
+        }
+        for model in models:
+            stats = model.stats
+            labels = [model.name, model.version]
+            success.add_metric(labels, stats.success.count)
+            for reason, n in sorted(stats.failures.items()):
+                failure.add_metric(labels, n, reason=reason)
+            count.add_metric(labels, stats.inference_count)
+            execs.add_metric(labels, stats.execution_count)
+            request_us.add_metric(labels, stats.success.ns / 1000)
+            queue_us.add_metric(labels, stats.queue.ns / 1000)
+            input_us.add_metric(labels, stats.compute_input.ns / 1000)
+            infer_us.add_metric(labels, stats.compute_infer.ns / 1000)
+            output_us.add_metric(labels, stats.compute_output.ns / 1000)
+            pending.add_metric(labels, model.scheduler.pending)
+            load.add_metric(labels, stats.load_seconds)
+            ready.add_metric(labels, 1)
+            _observe(histograms["request"], labels, stats.request_seconds)
+            _observe(histograms["queue"], labels, stats.queue_seconds)
+            _observe(histograms["compute"], labels, stats.compute_seconds)
+            _observe(histograms["batch"], labels, stats.batch_size)
+        yield from (success, failure, count, execs, request_us, queue_us, input_us)
+        yield from (infer_us, output_us, pending, load, ready, *histograms.values())
+
+
+class TritonCounter(Metric):
+    """A counter exposed under Triton's exact sample name.
+
+    prometheus_client appends ``_total`` to counter samples; Triton's
+    dashboards query ``nv_inference_count`` etc. without it, so we name the
+    samples ourselves.
+    """
+
+    def __init__(self, name: str, doc: str) -> None:
+        super().__init__(name, doc, "counter")
+        self.name = name
+
+    def add_metric(self, labels: list[str], value: float, **extra: str) -> None:
+        self.add_sample(self.name, dict(zip(LABELS, labels, strict=True), **extra), value)
+
+
+def _histogram(name: str, doc: str) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, doc, labels=LABELS)
+
+
+def _observe(family: HistogramMetricFamily, labels: list[str], hist: Histogram) -> None:
+    family.add_metric(labels, hist.cumulative(), hist.sum)
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """Prometheus text format, with counters under their own names.
+
+    prometheus_client's writer renames every counter family to ``*_total``;
+    Triton's are plain (``nv_inference_count``), and dashboards query those.
+    """
+    lines: list[str] = []
+    for metric in registry.collect():
+        lines.append(f"# HELP {metric.name} {_escape(metric.documentation)}")
+        lines.append(f"# TYPE {metric.name} {metric.type}")
+        for sample in metric.samples:
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(sample.labels.items()))
+            value = floatToGoString(sample.value)
+            lines.append(f"{sample.name}{{{labels}}} {value}" if labels else f"{sample.name} {value}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def start_metrics_server(config: ServerConfig, repository: ModelRepository) -> Any:
+    """Serve /metrics on its own thread; returns the HTTP server (for shutdown)."""
+    registry = CollectorRegistry()
+    registry.register(ModelCollector(repository))
+    ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if self.path.split("?")[0] not in ("/metrics", "/"):
+                self.send_error(404, "metrics are at /metrics")
+                return
+            body = exposition(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            del format, args  # scrapes are not worth a log line each
+
+    server = ThreadingHTTPServer((config.host, config.metrics_port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="lockgate-metrics", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics", config.host, server.server_address[1])
+    return server

@@ -1,0 +1,217 @@
+"""A loaded model version: its effective config, instances, scheduler and stats."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from lockgate_client._proto import grpc_service_pb2 as pb
+from lockgate_client._proto import model_config_pb2 as mc
+from lockgate_client.datatypes import CONFIG_TO_WIRE, WIRE_DTYPES
+
+from lockgate.batcher import Outputs, Scheduler
+from lockgate.codec import Limits, TensorSpec
+from lockgate.config import ServerConfig, complete_config, validate_config
+from lockgate.errors import LockgateError, ModelLoadError
+from lockgate.request import InferRequest
+from lockgate.runner import Runner, plan_instances
+from lockgate.stats import ModelStats
+
+log = logging.getLogger("lockgate.model")
+
+
+def _specs(tensors: list[mc.ModelInput] | list[mc.ModelOutput]) -> dict[str, TensorSpec]:
+    return {
+        t.name: TensorSpec(
+            name=t.name,
+            datatype=CONFIG_TO_WIRE[mc.DataType.Name(t.data_type)],
+            dims=tuple(t.dims),
+            optional=isinstance(t, mc.ModelInput) and t.optional,
+        )
+        for t in tensors
+    }
+
+
+@dataclass
+class ModelVersion:
+    """One version of one model, loaded and ready to serve."""
+
+    name: str
+    version: str
+    config: mc.ModelConfig
+    runners: list[Runner]
+    scheduler: Scheduler
+    stats: ModelStats
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    output_names: frozenset[str]
+    output_order: list[str]
+    limits: Limits
+    output_datatypes: dict[str, str]
+
+    @classmethod
+    def load(
+        cls,
+        name: str,
+        version: int,
+        path: Path,
+        config: mc.ModelConfig,
+        server: ServerConfig,
+        has_config_file: bool,
+    ) -> ModelVersion:
+        """Create the sessions, complete and check the config. Blocking: call in a thread."""
+        started = time.monotonic()
+        config = _copy(config)
+        if not path.is_file():
+            raise ModelLoadError(f"model '{name}' version {version}: {path} does not exist")
+        config.name = config.name or name
+        validate_config(config)
+        placements = plan_instances(config)
+        first = Runner(path, config, placements[0])
+        complete_config(
+            config,
+            name,
+            first.inputs,
+            first.outputs,
+            server.default_max_batch_size,
+            has_config_file,
+        )
+        validate_config(config)
+        _check_batch_dims(config, first)
+        # Instance planning may change once max_batch_size is known; re-plan.
+        placements = plan_instances(config)
+        runners = [first] + [Runner(path, config, p) for p in placements[1:]]
+        stats = ModelStats(name=config.name, version=str(version))
+        inputs = _specs(list(config.input))
+        outputs = _specs(list(config.output))
+        model = cls(
+            name=config.name,
+            version=str(version),
+            config=config,
+            runners=runners,
+            scheduler=Scheduler(config, runners, stats),
+            stats=stats,
+            inputs=inputs,
+            outputs=outputs,
+            output_names=frozenset(outputs),
+            output_order=[o.name for o in config.output],
+            limits=Limits(
+                max_batch_size=config.max_batch_size,
+                max_elements=server.max_tensor_elements,
+                max_bytes_element=server.max_bytes_element,
+            ),
+            output_datatypes={n: s.datatype for n, s in outputs.items()},
+        )
+        model.warmup()
+        stats.load_seconds = time.monotonic() - started
+        log.info(
+            "loaded model %s version %s: %d instance(s) on %s, max_batch_size %d%s in %.2f s",
+            model.name,
+            model.version,
+            len(runners),
+            ",".join(sorted({r.placement.label for r in runners})),
+            config.max_batch_size,
+            ", dynamic batching" if model.scheduler.max_rows else "",
+            stats.load_seconds,
+        )
+        return model
+
+    def warmup(self) -> None:
+        """Run the config's ``model_warmup`` samples before reporting ready."""
+        for sample in self.config.model_warmup:
+            count = max(1, sample.count)
+            batch = max(1, sample.batch_size) if self.config.max_batch_size else 0
+            feeds = {}
+            rng = np.random.default_rng(0)
+            for name, spec in sample.inputs.items():
+                datatype = CONFIG_TO_WIRE[mc.DataType.Name(spec.data_type)]
+                shape = ((batch,) if batch else ()) + tuple(spec.dims)
+                if datatype == "BYTES":
+                    value = np.full(shape, "0", dtype=np.object_)
+                elif spec.random_data and WIRE_DTYPES[datatype].kind == "f":
+                    value = rng.random(shape).astype(WIRE_DTYPES[datatype])
+                else:
+                    value = np.zeros(shape, dtype=WIRE_DTYPES[datatype])
+                feeds[name] = value
+            for runner in self.runners:
+                for _ in range(count):
+                    try:
+                        runner.run(feeds)
+                    except LockgateError as exc:
+                        raise ModelLoadError(
+                            f"model '{self.name}': warmup '{sample.name}' failed: {exc.message}"
+                        ) from None
+
+    async def infer(self, request: InferRequest) -> Outputs:
+        """Queue ``request``, wait for its batch, and record the outcome."""
+        try:
+            future = self.scheduler.submit(request)
+            outputs = await future
+        except asyncio.CancelledError:
+            reason = (
+                "DEADLINE_EXCEEDED"
+                if request.deadline is not None and time.monotonic() >= request.deadline
+                else "CANCELLED"
+            )
+            self.stats.record_failure(reason, time.monotonic_ns() - request.arrival_ns)
+            raise
+        except LockgateError as exc:
+            self.stats.record_failure(exc.reason, time.monotonic_ns() - request.arrival_ns)
+            raise
+        end = time.monotonic_ns()
+        self.stats.record_success(
+            request.rows,
+            end - request.arrival_ns,
+            request.dequeue_ns - request.arrival_ns,
+            *request.compute_ns,
+        )
+        return outputs
+
+    def metadata(self) -> pb.ModelMetadataResponse:
+        batch = (-1,) if self.config.max_batch_size > 0 else ()
+        return pb.ModelMetadataResponse(
+            name=self.name,
+            versions=[self.version],
+            platform=self.config.platform,
+            inputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=s.name, datatype=s.datatype, shape=batch + s.dims
+                )
+                for s in self.inputs.values()
+            ],
+            outputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=s.name, datatype=s.datatype, shape=batch + s.dims
+                )
+                for s in self.outputs.values()
+            ],
+        )
+
+    async def drain(self) -> None:
+        await self.scheduler.wait_idle()
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+
+def _copy(config: mc.ModelConfig) -> mc.ModelConfig:
+    copy = mc.ModelConfig()
+    copy.CopyFrom(config)
+    return copy
+
+
+def _check_batch_dims(config: mc.ModelConfig, runner: Runner) -> None:
+    """A batching config needs a variable first dimension on every tensor."""
+    if config.max_batch_size == 0:
+        return
+    for tensor in runner.inputs + runner.outputs:
+        if not tensor.shape or tensor.shape[0] != -1:
+            raise ModelLoadError(
+                f"model '{config.name}': max_batch_size is {config.max_batch_size} but "
+                f"tensor '{tensor.name}' has shape {list(tensor.shape)} with no variable batch dimension"
+            )
+

@@ -1,0 +1,80 @@
+"""``--model-control-mode poll``: follow the repository on disk.
+
+Every ``--repository-poll-secs`` the repository is rescanned. A new model is
+loaded; a changed one (any file's size or mtime) is reloaded, its new
+versions serving before the old ones drain, so no request fails; a removed
+model is drained and unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lockgate.errors import LockgateError
+
+if TYPE_CHECKING:
+    from lockgate.server import LockgateServer
+
+log = logging.getLogger("lockgate.poller")
+
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def fingerprint(path: Path) -> Fingerprint:
+    """What changes when any file under ``path`` is added, removed or rewritten."""
+    if path.is_file():
+        stat = path.stat()
+        return ((path.name, stat.st_size, stat.st_mtime_ns),)
+    entries = []
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        entries.append((str(file.relative_to(path)), stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)
+
+
+class RepositoryPoller:
+    """Reconciles the loaded models with the repository, periodically."""
+
+    def __init__(self, server: LockgateServer) -> None:
+        self._server = server
+        self._repository = server.repository
+        self._seen: dict[str, Fingerprint] = {}
+        self._task: asyncio.Task[None] | None = None
+        for name, source in self._repository.discover().items():
+            self._seen[name] = fingerprint(source.single_file or source.directory)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._server.config.repository_poll_secs)
+            try:
+                await self.poll_once()
+            except Exception:  # keep polling whatever one scan hit
+                log.exception("repository poll failed")
+
+    async def poll_once(self) -> None:
+        sources = await asyncio.to_thread(self._repository.discover)
+        current = {
+            name: await asyncio.to_thread(fingerprint, s.single_file or s.directory)
+            for name, s in sources.items()
+        }
+        for name in sorted(set(self._seen) - set(current)):
+            log.info("model %s removed from the repository: unloading", name)
+            await self._attempt(self._repository.unload(name))
+        for name, print_ in sorted(current.items()):
+            if self._seen.get(name) != print_:
+                log.info("model %s new or changed: loading", name)
+                await self._attempt(self._repository.load(name, sources=sources))
+        self._seen = current
+        await self._server.update_health()
+
+    async def _attempt(self, action: "asyncio.Future[None] | object") -> None:
+        try:
+            await action  # type: ignore[misc]
+        except LockgateError as exc:
+            log.error("%s", exc.message)

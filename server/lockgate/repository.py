@@ -1,0 +1,372 @@
+"""The model repository: finds models and versions on disk and owns their lifecycle.
+
+Layout (Triton's): ``<repo>/<model>/config.pbtxt`` and
+``<repo>/<model>/<version>/model.onnx``. A path to a single ``.onnx`` file
+serves that file as version 1 of a model named after it. Loading runs in a
+worker thread so the event loop keeps serving; a model that fails to load is
+reported in the index with its reason and never stops the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from lockgate_client._proto import model_config_pb2 as mc
+
+from lockgate.config import (
+    DEFAULT_MODEL_FILENAME,
+    ServerConfig,
+    parse_config_override,
+    read_model_config,
+)
+from lockgate.errors import (
+    InvalidInputError,
+    LockgateError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+)
+from lockgate.model import ModelVersion
+
+log = logging.getLogger("lockgate.repository")
+
+READY = "READY"
+LOADING = "LOADING"
+UNLOADING = "UNLOADING"
+UNAVAILABLE = "UNAVAILABLE"
+
+#: Upper bound on the bytes one RepositoryModelLoad may write to disk.
+MAX_LOAD_FILE_BYTES = 2**31 - 1
+
+
+@dataclass
+class VersionState:
+    state: str
+    reason: str = ""
+    model: ModelVersion | None = None
+
+
+@dataclass
+class ModelSource:
+    """Where a model's files are: its directory, or a single .onnx file."""
+
+    name: str
+    directory: Path
+    single_file: Path | None = None
+
+    def config(self) -> tuple[mc.ModelConfig, bool]:
+        if self.single_file is not None:
+            return mc.ModelConfig(), False
+        has_file = (self.directory / "config.pbtxt").is_file()
+        return read_model_config(self.directory), has_file
+
+    def versions(self, config: mc.ModelConfig) -> dict[int, Path]:
+        """Version number -> model file, filtered by the version policy."""
+        if self.single_file is not None:
+            return {1: self.single_file}
+        filename = config.default_model_filename or DEFAULT_MODEL_FILENAME
+        found = {
+            int(entry.name): entry / filename
+            for entry in self.directory.iterdir()
+            if entry.is_dir() and entry.name.isdigit() and (entry / filename).exists()
+        }
+        return select_versions(found, config.version_policy)
+
+
+def select_versions(found: dict[int, Path], policy: mc.ModelVersionPolicy) -> dict[int, Path]:
+    """Apply Triton's version_policy (default: the latest one)."""
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "all":
+        return dict(found)
+    if choice == "specific":
+        return {v: found[v] for v in policy.specific.versions if v in found}
+    latest = policy.latest.num_versions if choice == "latest" else 1
+    keep = sorted(found, reverse=True)[: max(1, latest)]
+    return {v: found[v] for v in keep}
+
+
+@dataclass
+class ModelEntry:
+    source: ModelSource
+    versions: dict[int, VersionState] = field(default_factory=dict)
+    #: Why the model as a whole cannot load (bad config, no versions...).
+    reason: str = ""
+    #: Directory we created for a RepositoryModelLoad with files; removed on unload.
+    scratch: Path | None = None
+
+
+class ModelRepository:
+    """All models this server knows of, and which of their versions are ready."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._entries: dict[str, ModelEntry] = {}
+        #: name -> highest ready version, for requests that name no version.
+        self._default: dict[str, ModelVersion] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # --- lookup (hot path) ----------------------------------------------------
+
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        """The ready model version a request should use, or a typed error."""
+        if not version:
+            model = self._default.get(name)
+            if model is not None:
+                return model
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFoundError(f"unknown model '{name}'")
+        if not version:
+            raise ModelUnavailableError(f"model '{name}' has no ready version{_why(entry)}")
+        if not version.isdigit():
+            raise InvalidInputError(f"model version '{version}' is not a version number")
+        state = entry.versions.get(int(version))
+        if state is None:
+            raise ModelNotFoundError(f"model '{name}' has no version {version}")
+        if state.model is None or state.state != READY:
+            detail = f": {state.reason}" if state.reason else ""
+            raise ModelUnavailableError(
+                f"model '{name}' version {version} is not ready ({state.state}){detail}"
+            )
+        return state.model
+
+    def ready_models(self) -> list[ModelVersion]:
+        # list(): the metrics thread calls this while the loop may add models.
+        return [
+            s.model
+            for e in list(self._entries.values())
+            for s in list(e.versions.values())
+            if s.model is not None and s.state == READY
+        ]
+
+    def all_ready(self) -> bool:
+        """Every known model has a ready version (strict readiness)."""
+        return all(
+            any(s.state == READY for s in e.versions.values()) for e in self._entries.values()
+        )
+
+    def index(self, ready_only: bool = False) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) rows, as RepositoryIndex reports them."""
+        rows: list[tuple[str, str, str, str]] = []
+        for name, entry in sorted(self._entries.items()):
+            if not entry.versions:
+                if not ready_only:
+                    rows.append((name, "", UNAVAILABLE, entry.reason))
+                continue
+            for version, state in sorted(entry.versions.items()):
+                if ready_only and state.state != READY:
+                    continue
+                rows.append((name, str(version), state.state, state.reason))
+        return rows
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    # --- discovery -------------------------------------------------------------
+
+    def discover(self) -> dict[str, ModelSource]:
+        """Every model found under the configured paths."""
+        sources: dict[str, ModelSource] = {}
+        for location in self.config.model_repository:
+            path = Path(location)
+            if path.is_file() and path.suffix == ".onnx":
+                sources[path.stem] = ModelSource(path.stem, path.parent, single_file=path)
+                continue
+            if not path.is_dir():
+                raise ModelLoadError(f"model repository {path} is not a directory or .onnx file")
+            for child in sorted(path.iterdir()):
+                if child.is_dir() and not child.name.startswith("."):
+                    sources[child.name] = ModelSource(child.name, child)
+        return sources
+
+    async def load_all(self, names: Iterable[str] | None = None) -> None:
+        """Load the given models (all discovered ones by default), concurrently."""
+        sources = self.discover()
+        wanted = list(sources) if names is None else list(names)
+        for name in wanted:
+            if name not in sources:
+                raise ModelNotFoundError(f"no model '{name}' in the model repository")
+        await asyncio.gather(*(self.load(name, sources=sources) for name in wanted))
+
+    # --- load / unload ---------------------------------------------------------
+
+    async def load(
+        self,
+        name: str,
+        config_json: str | None = None,
+        files: dict[str, bytes] | None = None,
+        sources: dict[str, ModelSource] | None = None,
+    ) -> None:
+        """Load (or reload) ``name``; new versions serve before old ones drain."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            scratch = None
+            if files:
+                if config_json is None:
+                    raise InvalidInputError(
+                        "loading a model from files needs a 'config' parameter too"
+                    )
+                scratch = write_model_files(name, files)
+                source = ModelSource(name, scratch)
+            else:
+                sources = sources if sources is not None else self.discover()
+                if name not in sources:
+                    raise ModelNotFoundError(f"no model '{name}' in the model repository")
+                source = sources[name]
+            entry = self._entries.get(name)
+            old = dict(entry.versions) if entry else {}
+            new_entry = ModelEntry(source=source, scratch=scratch)
+            self._entries[name] = new_entry if entry is None else entry
+            target = self._entries[name]
+            try:
+                loaded = await asyncio.to_thread(self._load_versions, source, config_json)
+            except LockgateError as exc:
+                target.reason = exc.message
+                if not old:
+                    target.versions = {}
+                log.error("model %s failed to load: %s", name, exc.message)
+                if scratch is not None:
+                    shutil.rmtree(scratch, ignore_errors=True)
+                raise
+            old_scratch = target.scratch if target.scratch is not scratch else None
+            target.source = source
+            target.scratch = scratch
+            target.reason = ""
+            target.versions = loaded
+            self._refresh_default(name)
+            retired = [
+                s.model for v, s in old.items() if s.model is not None and loaded.get(v) is not s
+            ]
+            await self._retire(retired)
+            if old_scratch is not None:
+                shutil.rmtree(old_scratch, ignore_errors=True)
+            failed = [s.reason for s in loaded.values() if s.state != READY]
+            if loaded and len(failed) == len(loaded):
+                raise ModelLoadError(f"model '{name}' failed to load: {failed[0]}")
+
+    def _load_versions(self, source: ModelSource, config_json: str | None) -> dict[int, VersionState]:
+        if config_json is not None:
+            config = parse_config_override(config_json, f"config for model '{source.name}'")
+            has_file = True
+        else:
+            config, has_file = source.config()
+        paths = source.versions(config)
+        if not paths:
+            raise ModelLoadError(
+                f"model '{source.name}' has no version directory with a model file "
+                f"(expected {source.directory}/<version>/"
+                f"{config.default_model_filename or DEFAULT_MODEL_FILENAME})"
+            )
+        states: dict[int, VersionState] = {}
+        for version, path in sorted(paths.items()):
+            try:
+                model = ModelVersion.load(
+                    source.name, version, path, config, self.config, has_file
+                )
+                states[version] = VersionState(READY, model=model)
+            except LockgateError as exc:
+                log.error("model %s version %d failed to load: %s", source.name, version, exc)
+                states[version] = VersionState(UNAVAILABLE, reason=exc.message)
+            except Exception as exc:  # a bug of ours must not take the others down
+                log.exception("model %s version %d failed to load", source.name, version)
+                states[version] = VersionState(UNAVAILABLE, reason=f"internal error: {exc}")
+        return states
+
+    async def unload(self, name: str) -> None:
+        """Stop routing to ``name``, let its queued work finish, then free it."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            entry = self._entries.get(name)
+            if entry is None:
+                raise ModelNotFoundError(f"unknown model '{name}'")
+            models = [s.model for s in entry.versions.values() if s.model is not None]
+            for state in entry.versions.values():
+                state.state = UNLOADING
+            self._default.pop(name, None)
+            await self._retire(models)
+            for state in entry.versions.values():
+                state.state = UNAVAILABLE
+                state.reason = "unloaded"
+                state.model = None
+            if entry.scratch is not None:
+                shutil.rmtree(entry.scratch, ignore_errors=True)
+                entry.scratch = None
+            log.info("unloaded model %s", name)
+
+    async def _retire(self, models: list[ModelVersion]) -> None:
+        for model in models:
+            await model.drain()
+            model.close()
+
+    def _refresh_default(self, name: str) -> None:
+        entry = self._entries[name]
+        ready = [v for v, s in entry.versions.items() if s.state == READY and s.model]
+        if ready:
+            model = entry.versions[max(ready)].model
+            assert model is not None
+            self._default[name] = model
+        else:
+            self._default.pop(name, None)
+
+    async def drain(self) -> None:
+        """Wait until every model's queue and instances are idle."""
+        await asyncio.gather(*(m.drain() for m in self.ready_models()))
+
+    def close(self) -> None:
+        for model in self.ready_models():
+            model.close()
+        for entry in self._entries.values():
+            if entry.scratch is not None:
+                shutil.rmtree(entry.scratch, ignore_errors=True)
+
+
+def _why(entry: ModelEntry) -> str:
+    reasons = entry.reason or next(
+        (s.reason for s in entry.versions.values() if s.reason), ""
+    )
+    return f": {reasons}" if reasons else ""
+
+
+def write_model_files(name: str, files: dict[str, bytes]) -> Path:
+    """Write RepositoryModelLoad ``file:`` payloads into a fresh model directory.
+
+    Paths are relative to the model directory; absolute paths, ``..`` and
+    anything that resolves outside it are refused before anything is written.
+    """
+    if not name or "/" in name or name in (".", ".."):
+        raise InvalidInputError(f"invalid model name '{name}'")
+    total = sum(len(b) for b in files.values())
+    if total > MAX_LOAD_FILE_BYTES:
+        raise InvalidInputError(f"model files total {total} bytes, over the limit")
+    root = Path(tempfile.mkdtemp(prefix="lockgate-load-"))
+    model_dir = root / name
+    model_dir.mkdir()
+    try:
+        for relative, content in files.items():
+            target = _safe_path(model_dir, relative)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # O_EXCL + O_NOFOLLOW: never write through a link planted earlier.
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    return model_dir
+
+
+def _safe_path(model_dir: Path, relative: str) -> Path:
+    pure = PurePosixPath(relative)
+    if not relative or pure.is_absolute() or ".." in pure.parts or "\\" in relative:
+        raise InvalidInputError(
+            f"file path '{relative}' must be relative to the model directory, without '..'"
+        )
+    target = model_dir.joinpath(*pure.parts)
+    if not target.resolve().is_relative_to(model_dir.resolve()):
+        raise InvalidInputError(f"file path '{relative}' leaves the model directory")
+    return target

@@ -1,0 +1,46 @@
+"""Lockgate's internal request: numpy views over the wire bytes, no second object model."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[Any]
+
+
+@dataclass(slots=True, eq=False)
+class InferRequest:
+    """One decoded inference request, as the batcher and runner see it."""
+
+    #: Input name -> array in the dtype ONNX Runtime takes (BYTES as str objects,
+    #: BF16 as uint16 bits), first axis the batch axis when the model batches.
+    inputs: dict[str, Array]
+    #: Rows this request contributes to a batch (1 for non-batching models).
+    rows: int
+    #: Output names the caller asked for, in order; None means all.
+    outputs: list[str] | None
+    #: Non-batch shapes of the inputs: only requests with equal keys merge.
+    shape_key: tuple[tuple[int, ...], ...]
+    request_id: str = ""
+    #: Priority level (1 = highest); 0 means the model's default.
+    priority: int = 0
+    #: Queue timeout from the request's ``timeout`` parameter (µs), or 0.
+    timeout_us: int = 0
+    #: time.monotonic() by which the caller stops waiting, or None.
+    deadline: float | None = None
+    #: time.monotonic_ns() when the request entered the server.
+    arrival_ns: int = 0
+    #: Resolved by the scheduler with the request's outputs.
+    future: asyncio.Future[dict[str, Array]] | None = None
+    #: Tracing context and span, when tracing is on (opaque to the core).
+    trace: Any = None
+    #: Monotonic ns when the request left the queue (set by the scheduler).
+    dequeue_ns: int = 0
+    #: Position in arrival order (set by the scheduler; used for ordering).
+    sequence: int = field(default=0)
+    #: Compute input/infer/output ns of the batch that served it.
+    compute_ns: tuple[int, int, int] = (0, 0, 0)

@@ -1,0 +1,195 @@
+"""ONNX Runtime sessions: providers, session options, and running one batch.
+
+A ``Runner`` is one model instance: one ``InferenceSession`` whose ``run``
+is called from a worker thread (ONNX Runtime releases the GIL), never from
+the event loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from lockgate_client._proto import model_config_pb2 as mc
+
+from lockgate.config import OnnxTensor
+from lockgate.errors import ExecutionError, ModelLoadError
+from lockgate.request import Array
+
+log = logging.getLogger("lockgate.runner")
+
+_BF16 = 16  # onnx.TensorProto.BFLOAT16: numpy has no such dtype
+
+
+@functools.cache
+def cuda_device_count() -> int:
+    """GPUs ONNX Runtime can use here, decided once per process.
+
+    Asking onnxruntime-gpu for CUDA on a machine without a driver prints a
+    stack of errors before it falls back; probing the driver ourselves lets
+    us log one clear line instead.
+    """
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        log.info("ONNX Runtime has no CUDA provider: running models on CPU")
+        return 0
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            raise OSError("cuInit failed")
+    except OSError:
+        log.info("no usable NVIDIA driver/GPU found: running models on CPU")
+        return 0
+    log.info("found %d CUDA device(s)", count.value)
+    return count.value
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one instance runs: a GPU id, or None for the CPU."""
+
+    gpu: int | None
+    intra_op_threads: int
+
+    @property
+    def label(self) -> str:
+        return f"gpu{self.gpu}" if self.gpu is not None else "cpu"
+
+
+def plan_instances(config: mc.ModelConfig) -> list[Placement]:
+    """Expand ``instance_group`` into one placement per instance.
+
+    KIND_AUTO and KIND_GPU take the listed GPUs (all, if none are listed) and
+    fall back to the CPU where none are usable; thread counts default to an
+    even share of the cores so N instances do not oversubscribe them.
+    """
+    gpus = cuda_device_count()
+    kinds: list[int | None] = []
+    groups = list(config.instance_group) or [mc.ModelInstanceGroup(count=1)]
+    for group in groups:
+        if group.kind in (mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_AUTO) and gpus:
+            listed = list(group.gpus) or list(range(gpus))
+            for gpu in listed:
+                if gpu >= gpus:
+                    raise ModelLoadError(
+                        f"model '{config.name}': instance_group lists GPU {gpu} but only "
+                        f"{gpus} are present"
+                    )
+                kinds.extend([gpu] * max(1, group.count))
+        elif group.kind == mc.ModelInstanceGroup.KIND_MODEL:
+            raise ModelLoadError(f"model '{config.name}': KIND_MODEL is not supported")
+        else:
+            kinds.extend([None] * max(1, group.count))
+    cpu_instances = sum(1 for k in kinds if k is None) or 1
+    default_threads = max(1, (os.cpu_count() or 1) // cpu_instances)
+    threads = _int_parameter(config, "intra_op_thread_count", default_threads)
+    return [Placement(gpu=k, intra_op_threads=threads) for k in kinds]
+
+
+def _int_parameter(config: mc.ModelConfig, key: str, default: int) -> int:
+    if key not in config.parameters:
+        return default
+    text = config.parameters[key].string_value
+    try:
+        return int(text)
+    except ValueError:
+        raise ModelLoadError(
+            f"model '{config.name}': parameter {key} must be an integer, got '{text}'"
+        ) from None
+
+
+def session_options(config: mc.ModelConfig, placement: Placement) -> ort.SessionOptions:
+    """Session options from the config, using Triton's ORT backend keys."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = placement.intra_op_threads
+    options.inter_op_num_threads = _int_parameter(config, "inter_op_thread_count", 1)
+    if _int_parameter(config, "execution_mode", 0) == 1:
+        options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+    # Triton's graph levels: -1 basic, 1 extended, anything else all.
+    level = config.optimization.graph.level
+    options.graph_optimization_level = {
+        -1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        1: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    }.get(level, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    options.enable_cpu_mem_arena = bool(_int_parameter(config, "enable_mem_arena", 1))
+    options.enable_mem_pattern = bool(_int_parameter(config, "enable_mem_pattern", 1))
+    options.log_severity_level = 3
+    return options
+
+
+class Runner:
+    """One model instance: an ONNX Runtime session and how to feed it."""
+
+    def __init__(self, model_path: Path, config: mc.ModelConfig, placement: Placement) -> None:
+        self.placement = placement
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if placement.gpu is not None:
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": placement.gpu}))
+        try:
+            self.session = ort.InferenceSession(
+                str(model_path), sess_options=session_options(config, placement),
+                providers=providers,
+            )
+        except Exception as exc:  # ORT raises several unrelated types here
+            raise ModelLoadError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
+        if placement.gpu is not None and "CUDAExecutionProvider" not in self.session.get_providers():
+            log.warning("model %s: CUDA provider unavailable, instance runs on CPU", config.name)
+        self.inputs = [_describe(i) for i in self.session.get_inputs()]
+        self.outputs = [_describe(o) for o in self.session.get_outputs()]
+        self.output_names = [o.name for o in self.outputs]
+        self._bf16_inputs = {t.name for t in self.inputs if t.ort_type == "tensor(bfloat16)"}
+        self._bf16_outputs = any(t.ort_type == "tensor(bfloat16)" for t in self.outputs)
+
+    def run(self, feeds: dict[str, Array]) -> dict[str, Array]:
+        """Run the session on one batch; called in a worker thread."""
+        try:
+            if self._bf16_inputs or self._bf16_outputs:
+                values = self._run_ort_values(feeds)
+            else:
+                values = self.session.run(self.output_names, feeds)
+        except Exception as exc:  # ORT's error types are not importable in a stable way
+            raise ExecutionError(f"model execution failed: {_short(exc)}") from None
+        return dict(zip(self.output_names, values, strict=True))
+
+    def _run_ort_values(self, feeds: dict[str, Array]) -> list[Array]:
+        """BF16 path: numpy has no bfloat16, so pass and take raw bits via OrtValue."""
+        ort_feeds = {
+            name: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                np.ascontiguousarray(value), _BF16
+            )
+            if name in self._bf16_inputs
+            else ort.OrtValue.ortvalue_from_numpy(_ort_ready(value))
+            for name, value in feeds.items()
+        }
+        results = self.session.run_with_ort_values(self.output_names, ort_feeds)
+        return [_ortvalue_to_numpy(v) for v in results]
+
+
+def _ort_ready(value: Array) -> Array:
+    return value if value.dtype != np.object_ else value.astype(np.str_)
+
+
+def _ortvalue_to_numpy(value: ort.OrtValue) -> Array:
+    if value.data_type() != "tensor(bfloat16)":
+        return np.asarray(value.numpy())
+    shape = tuple(value.shape())
+    count = int(np.prod(shape))
+    buffer = (ctypes.c_uint16 * count).from_address(value.data_ptr())
+    return np.frombuffer(buffer, dtype=np.uint16).copy().reshape(shape)
+
+
+def _describe(node: Any) -> OnnxTensor:
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (node.shape or []))
+    return OnnxTensor(name=node.name, ort_type=node.type, shape=shape)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text if len(text) < 500 else text[:500] + "..."

@@ -1,0 +1,199 @@
+"""Assembles the gRPC server and runs its lifecycle: start, serve, drain, stop.
+
+Start: bind, report NOT_SERVING, load models, then SERVING. On SIGTERM or
+SIGINT: NOT_SERVING and ServerReady=false at once, refuse new RPCs, finish
+every accepted and queued request, exit 0 within ``--drain-seconds``; a
+second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from lockgate_client._proto import inference_service_pb2_grpc as service
+
+from lockgate.config import ServerConfig
+from lockgate.errors import LockgateError
+from lockgate.repository import ModelRepository
+from lockgate.servicer import Servicer, ServerState
+
+log = logging.getLogger("lockgate.server")
+
+#: Health service name that is SERVING whenever the process runs: for
+#: liveness probes, which must not depend on model state.
+LIVENESS_SERVICE = "liveness"
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.so_reuseport", 0),
+        # Clients may ping as often as every 10 s without being disconnected.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if config.grpc_max_connection_age:
+        age_ms = int(config.grpc_max_connection_age * 1000)
+        options.append(("grpc.max_connection_age_ms", age_ms))
+        # In-flight calls on a recycled connection get the drain time to finish.
+        options.append(("grpc.max_connection_age_grace_ms", int(config.drain_seconds * 1000)))
+    if config.grpc_keepalive_time:
+        options.append(("grpc.keepalive_time_ms", int(config.grpc_keepalive_time * 1000)))
+        options.append(("grpc.keepalive_timeout_ms", 20_000))
+    return options
+
+
+class LockgateServer:
+    """One Lockgate process: gRPC services, model repository, metrics."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.state = ServerState()
+        self.state.control_enabled = config.model_control_mode == "explicit"
+        self.repository = ModelRepository(config)
+        self.health = health.aio.HealthServicer()
+        self.grpc_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._stopping: asyncio.Event | None = None
+        self._metrics_server: Any = None
+
+    async def start(self) -> None:
+        """Bind, load models, and report ready."""
+        self._stopping = asyncio.Event()
+        from lockgate.security import TokenAuthInterceptor, load_tokens
+
+        tokens = load_tokens(self.config.auth_token_file)
+        interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
+        server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
+        service.add_GRPCInferenceServiceServicer_to_server(
+            Servicer(self.repository, self.state), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        self._register_descriptor()
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        self.grpc_port = self._bind(server, address)
+        self._server = server
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await server.start()
+        log.info("gRPC listening on %s:%d", self.config.host, self.grpc_port)
+        if self.config.metrics:
+            from lockgate.metrics import start_metrics_server
+
+            self._metrics_server = start_metrics_server(self.config, self.repository)
+        await self._load_models()
+        await self.update_health()
+
+    def _bind(self, server: grpc.aio.Server, address: str) -> int:
+        from lockgate.security import server_credentials
+
+        credentials = server_credentials(self.config)
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        return port
+
+    @staticmethod
+    def _register_descriptor() -> None:
+        # Reflection finds the service by name in protobuf's default pool;
+        # only the server registers it (see protos/.../inference_service.proto).
+        from lockgate_client._proto import inference_service_pb2
+
+        del inference_service_pb2
+
+    async def _load_models(self) -> None:
+        started = time.monotonic()
+        mode = self.config.model_control_mode
+        names = None if mode != "explicit" else self.config.load_models
+        if names == ["*"]:
+            names = None
+        try:
+            await self.repository.load_all(names)
+        except LockgateError as exc:
+            # Reported per model in the index; the others keep serving.
+            log.warning("not every model loaded: %s", exc.message)
+        log.info(
+            "%d model version(s) ready in %.2f s",
+            len(self.repository.ready_models()),
+            time.monotonic() - started,
+        )
+        if mode == "poll":
+            from lockgate.poller import RepositoryPoller
+
+            RepositoryPoller(self).start()
+
+    async def update_health(self) -> None:
+        """Publish readiness: server-wide and per model (service = model name)."""
+        ready = not self.state.draining and (
+            self.repository.all_ready() or not self.config.strict_readiness
+        )
+        self.state.ready = ready
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", serving if ready else not_serving)
+        await self.health.set(INFERENCE_SERVICE, serving if ready else not_serving)
+        ready_names = {m.name for m in self.repository.ready_models()}
+        for name in self.repository.names():
+            model_ok = name in ready_names and not self.state.draining
+            await self.health.set(name, serving if model_ok else not_serving)
+
+    async def serve(self) -> None:
+        """Run until a signal asks us to drain; then drain and stop."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        assert self._stopping is not None
+        await self._stopping.wait()
+        await self.drain()
+
+    def _on_signal(self, sig: int) -> None:
+        assert self._stopping is not None
+        if self._stopping.is_set():
+            log.warning("second %s: exiting now", signal.Signals(sig).name)
+            os._exit(1)
+        log.info("%s: draining (up to %.0f s)", signal.Signals(sig).name, self.config.drain_seconds)
+        self._stopping.set()
+
+    async def drain(self) -> None:
+        """Stop taking requests, finish accepted ones, shut down."""
+        self.state.draining = True
+        # Liveness stays SERVING: a draining server is healthy, just leaving.
+        await self.update_health()
+        started = time.monotonic()
+        if self._server is not None:
+            # New RPCs are refused at once; accepted ones (queued ones included)
+            # get the rest of the drain time to complete.
+            await self._server.stop(grace=self.config.drain_seconds)
+        self.repository.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        log.info("drained and stopped in %.2f s", time.monotonic() - started)
+
+    async def abort(self) -> None:
+        """Tear down after a failed start."""
+        if self._server is not None:
+            await self._server.stop(0)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+
+    def request_stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()

@@ -1,0 +1,304 @@
+"""GRPCInferenceService: protobuf in, protobuf out, nothing else.
+
+Each RPC finds the model, lets the codec decode, awaits the model, and
+encodes. ``LockgateError``s become gRPC statuses in ``_abort``, the one place
+that maps error kinds to codes; streaming RPCs report them in-band instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import wraps
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import grpc
+from lockgate_client._proto import grpc_service_pb2 as pb
+from lockgate_client._proto import inference_service_pb2_grpc as service
+
+from lockgate import __version__
+from lockgate.codec import decode_request, encode_response
+from lockgate.errors import (
+    InvalidInputError,
+    LockgateError,
+    NotAllowedError,
+    UnsupportedError,
+)
+from lockgate.model import ModelVersion
+from lockgate.repository import ModelRepository
+
+log = logging.getLogger("lockgate.servicer")
+
+#: ServerMetadata extensions: only those Lockgate really implements.
+EXTENSIONS = [
+    "model_repository",
+    "model_configuration",
+    "schedule_policy",
+    "statistics",
+    "parameters",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _status(
+    method: Callable[Concatenate[Servicer, Any, Context, P], Awaitable[R]],
+) -> Callable[Concatenate[Servicer, Any, Context, P], Awaitable[R]]:
+    """Turn LockgateErrors raised by a unary RPC into its gRPC status."""
+
+    @wraps(method)
+    async def wrapper(
+        self: Servicer, request: Any, context: Context, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        try:
+            return await method(self, request, context, *args, **kwargs)
+        except LockgateError as exc:
+            await _abort(context, exc)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # a bug of ours: say so, keep serving
+            log.exception("internal error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+        raise AssertionError("unreachable: abort raises")
+
+    return wrapper
+
+
+async def _abort(context: Context, error: LockgateError) -> None:
+    await context.abort(error.code, error.message)
+
+
+def in_band(error: LockgateError) -> str:
+    """Stream errors carry no status code, so the message starts with it."""
+    return f"[{error.code.name}] {error.message}"
+
+
+class ServerState:
+    """What the health, readiness and drain logic share."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.draining = False
+        self.control_enabled = False
+
+
+class Servicer(service.GRPCInferenceServiceServicer):
+    """Lockgate's implementation of ``inference.GRPCInferenceService``."""
+
+    def __init__(self, repository: ModelRepository, state: ServerState) -> None:
+        self._repository = repository
+        self._state = state
+
+    # --- health and metadata ---------------------------------------------------
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> Any:
+        return pb.ServerReadyResponse(ready=self._state.ready and not self._state.draining)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> Any:
+        try:
+            self._repository.get(request.name, request.version)
+        except LockgateError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=not self._state.draining)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> Any:
+        return pb.ServerMetadataResponse(
+            name="lockgate", version=__version__, extensions=EXTENSIONS
+        )
+
+    @_status
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> Any:
+        model = self._repository.get(request.name, request.version)
+        response = model.metadata()
+        if not request.version:
+            del response.versions[:]
+            response.versions.extend(
+                m.version for m in self._repository.ready_models() if m.name == model.name
+            )
+        return response
+
+    @_status
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> Any:
+        model = self._repository.get(request.name, request.version)
+        return pb.ModelConfigResponse(config=model.config)
+
+    @_status
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> Any:
+        if request.name:
+            if request.version:
+                models = [self._repository.get(request.name, request.version)]
+            else:
+                self._repository.get(request.name)  # NOT_FOUND/UNAVAILABLE as for infer
+                models = [m for m in self._repository.ready_models() if m.name == request.name]
+        else:
+            models = self._repository.ready_models()
+        return pb.ModelStatisticsResponse(model_stats=[m.stats.to_proto() for m in models])
+
+    # --- inference ----------------------------------------------------------------
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> Any:
+        start = time.monotonic_ns()
+        model = self._repository.get(request.model_name, request.model_version)
+        decoded = _decode(model, request, start)
+        decoded.deadline = deadline
+        outputs = await model.infer(decoded)
+        return encode_response(
+            model.name,
+            model.version,
+            decoded.request_id,
+            outputs,
+            model.output_datatypes,
+            decoded.outputs or model.output_order,
+        )
+
+    @_status
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> Any:
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        return await self._infer(request, deadline)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests run concurrently; each answer (or in-band error) as soon as ready."""
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                result = await self._infer(request, None)
+                responses.put_nowait(pb.ModelStreamInferResponse(infer_response=result))
+            except LockgateError as exc:
+                responses.put_nowait(
+                    pb.ModelStreamInferResponse(
+                        error_message=in_band(exc),
+                        infer_response=pb.ModelInferResponse(
+                            model_name=request.model_name,
+                            model_version=request.model_version,
+                            id=request.id,
+                        ),
+                    )
+                )
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.gather(*running, return_exceptions=True)
+            finally:
+                responses.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    # --- repository ----------------------------------------------------------------
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> Any:
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=name, version=version, state=state, reason=reason
+                )
+                for name, version, state, reason in self._repository.index(request.ready)
+            ]
+        )
+
+    @_status
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> Any:
+        self._check_control("load")
+        config_json: str | None = None
+        files: dict[str, bytes] = {}
+        for key, value in request.parameters.items():
+            if key == "config":
+                config_json = value.string_param
+            elif key.startswith("file:"):
+                files[key.removeprefix("file:")] = value.bytes_param
+            else:
+                raise InvalidInputError(f"unknown load parameter '{key}'")
+        await self._repository.load(request.model_name, config_json, files or None)
+        return pb.RepositoryModelLoadResponse()
+
+    @_status
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> Any:
+        self._check_control("unload")
+        await self._repository.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _check_control(self, action: str) -> None:
+        if not self._state.control_enabled:
+            raise NotAllowedError(
+                f"cannot {action} models: start the server with --model-control-mode explicit"
+            )
+
+    # --- not implemented -----------------------------------------------------------
+
+    async def _unsupported(self, context: Context, what: str) -> Any:
+        await _abort(
+            context, UnsupportedError(f"{what} is not supported by Lockgate; send tensors inline")
+        )
+
+    async def SystemSharedMemoryStatus(self, request: Any, context: Context) -> Any:
+        return await self._unsupported(context, "system shared memory")
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: Context) -> Any:
+        return await self._unsupported(context, "system shared memory")
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Context) -> Any:
+        return await self._unsupported(context, "system shared memory")
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: Context) -> Any:
+        return await self._unsupported(context, "CUDA shared memory")
+
+    async def CudaSharedMemoryRegister(self, request: Any, context: Context) -> Any:
+        return await self._unsupported(context, "CUDA shared memory")
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Context) -> Any:
+        return await self._unsupported(context, "CUDA shared memory")
+
+    async def TraceSetting(self, request: Any, context: Context) -> Any:
+        await _abort(
+            context,
+            UnsupportedError(
+                "trace settings cannot be changed over gRPC; Lockgate traces with "
+                "OpenTelemetry, configured by --trace and OTEL_* environment variables"
+            ),
+        )
+
+    async def LogSettings(self, request: Any, context: Context) -> Any:
+        await _abort(
+            context,
+            UnsupportedError(
+                "log settings cannot be changed over gRPC; use --log-level and --log-format"
+            ),
+        )
+
+
+def _decode(model: ModelVersion, request: pb.ModelInferRequest, start_ns: int) -> Any:
+    """Decode against the model's specs; a bad request counts as a failure."""
+    try:
+        decoded = decode_request(request, model.inputs, model.output_names, model.limits)
+    except LockgateError as exc:
+        model.stats.record_failure(exc.reason, time.monotonic_ns() - start_ns)
+        raise
+    decoded.arrival_ns = start_ns
+    return decoded
