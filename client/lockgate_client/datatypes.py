@@ -101,11 +101,16 @@ def datatype_of(array: npt.NDArray[np.generic]) -> str:
 def serialize_bytes(array: npt.NDArray[np.generic]) -> bytes:
     """Serialize a BYTES tensor: each element length-prefixed, row-major.
 
-    ``str`` elements are UTF-8 encoded; ``bytes`` are sent as they are.
+    ``str`` elements are UTF-8 encoded; ``bytes`` are sent as they are; other
+    objects (numbers...) as the UTF-8 of ``str(item)``, as tritonclient does
+    (``bytes(3)`` would be three zero bytes, never what a caller meant).
     """
     parts: list[bytes] = []
     for item in array.reshape(-1):
-        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        if isinstance(item, bytes | bytearray | memoryview | np.bytes_):
+            data = bytes(item)
+        else:
+            data = str(item).encode("utf-8")
         parts.append(_LENGTH.pack(len(data)))
         parts.append(data)
     return b"".join(parts)
@@ -151,7 +156,7 @@ def float32_to_bf16(values: npt.NDArray[np.floating]) -> npt.NDArray[np.uint16]:
     as_f32 = np.ascontiguousarray(values, dtype="<f4")
     bits = as_f32.view("<u4")
     rounding = ((bits >> 16) & 1) + 0x7FFF
-    narrowed = ((bits + rounding) >> 16).astype("<u2")
+    narrowed: npt.NDArray[np.uint16] = ((bits + rounding) >> 16).astype("<u2")
     # NaN must stay NaN: rounding could carry a NaN's payload into infinity.
     nan = np.isnan(as_f32)
     if nan.any():

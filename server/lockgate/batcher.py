@@ -1,11 +1,11 @@
 """Queue -> batch -> instance: Lockgate's scheduler, with Triton's semantics.
 
 One ``Scheduler`` per model version. ``submit`` puts a request in its
-priority queue and returns at once; ``_dispatch`` runs synchronously on the
-event loop whenever something changes (a request arrives, an instance frees
-up, a delay or timeout fires) and hands batches to idle instances. Batches
-run in worker threads (ONNX Runtime releases the GIL); their results are
-split back per request on the loop.
+priority level's queue and returns at once; ``_dispatch`` runs synchronously
+on the event loop whenever something changes (a request arrives, an instance
+frees up, a delay or timeout fires) and hands batches to idle instances.
+Batches run in worker threads (ONNX Runtime releases the GIL); their results
+are split back per request on the loop.
 
 Rules, in order of importance:
 
@@ -22,14 +22,17 @@ Rules, in order of importance:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from queue import SimpleQueue
 
 import numpy as np
-from lockgate_client._proto import model_config_pb2 as mc
 
 from lockgate.errors import (
     ExecutionError,
@@ -41,8 +44,18 @@ from lockgate.errors import (
 from lockgate.request import Array, InferRequest
 from lockgate.runner import Runner
 from lockgate.stats import ModelStats
+from lockgate_client._proto import model_config_pb2 as mc
+
+log = logging.getLogger("lockgate.batcher")
 
 Outputs = dict[str, Array]
+Done = Callable[["BatchResult | BaseException"], None]
+
+#: Observability hook: called on the event loop as each batch finishes, with the
+#: model's stats, the batch and its error (None when it ran). lockgate.tracing
+#: sets it; left None it costs one check per batch and nothing per request.
+BatchObserver = Callable[[ModelStats, list[InferRequest], BaseException | None], None]
+batch_observer: BatchObserver | None = None
 
 
 @dataclass(frozen=True)
@@ -63,15 +76,52 @@ class QueuePolicy:
             delay_on_timeout=policy.timeout_action == mc.ModelQueuePolicy.DELAY,
         )
 
+    def timeout_ns(self, request_timeout_us: int) -> int:
+        """How long a request may wait in the queue (ns); 0 is for ever.
+
+        As in Triton, a request's ``timeout`` counts only where the policy
+        allows an override, and may shorten the default but never lengthen it.
+        """
+        timeout_ns = self.default_timeout_ns
+        if self.allow_override and request_timeout_us:
+            override_ns = request_timeout_us * 1000
+            if not timeout_ns or override_ns < timeout_ns:
+                timeout_ns = override_ns
+        return timeout_ns
+
+
+@dataclass
+class Level:
+    """One priority level: its policy and queues (Triton's PolicyQueue)."""
+
+    policy: QueuePolicy
+    queue: deque[InferRequest] = field(default_factory=deque)
+    #: Requests whose queue timeout passed under timeout_action DELAY: they
+    #: run after this level's other requests, before lower levels' ones.
+    delayed: deque[InferRequest] = field(default_factory=deque)
+
+    def __len__(self) -> int:
+        return len(self.queue) + len(self.delayed)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One successful session run: its rows and compute input/infer/output ns."""
+
+    rows: int
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+
 
 @dataclass
 class BatchResult:
     """What a worker thread hands back for one batch."""
 
-    outputs: list[Outputs | LockgateError]
-    input_ns: int
-    infer_ns: int
-    output_ns: int
+    #: Per request, in batch order: its outputs and the run that made them, or its error.
+    results: list[tuple[Outputs, Execution] | LockgateError]
+    #: The session runs that succeeded: one, or one per request after a re-run.
+    executions: list[Execution]
 
 
 def merge_inputs(batch: list[InferRequest]) -> dict[str, Array]:
@@ -111,12 +161,12 @@ class Scheduler:
         runners: list[Runner],
         stats: ModelStats,
     ) -> None:
-        self._runners = runners
         self._idle = list(runners)
         self._stats = stats
-        self._executor = ThreadPoolExecutor(
-            max_workers=len(runners), thread_name_prefix=f"lockgate-{config.name}"
-        )
+        self._workers = {
+            id(runner): InstanceWorker(runner, f"lockgate-{config.name}-{i}")
+            for i, runner in enumerate(runners)
+        }
         self._loop: asyncio.AbstractEventLoop | None = None
         dynamic = config.WhichOneof("scheduling_choice") == "dynamic_batching"
         batching = config.dynamic_batching
@@ -125,20 +175,21 @@ class Scheduler:
         self.delay_ns = batching.max_queue_delay_microseconds * 1000 if dynamic else 0
         self.preferred = sorted(set(batching.preferred_batch_size)) if dynamic else []
         self.preserve_ordering = dynamic and batching.preserve_ordering
-        levels = int(batching.priority_levels) if dynamic and batching.priority_levels else 1
-        self.default_level = int(batching.default_priority_level or 1) if levels > 1 else 1
+        count = int(batching.priority_levels) if dynamic and batching.priority_levels else 1
+        self.default_level = int(batching.default_priority_level or 1) if count > 1 else 1
         default_policy = QueuePolicy.from_proto(batching.default_queue_policy)
-        self._policies = [
-            QueuePolicy.from_proto(batching.priority_queue_policy[level])
-            if level in batching.priority_queue_policy
-            else default_policy
-            for level in range(1, levels + 1)
+        #: Index 0 is priority level 1, the highest.
+        self._levels = [
+            Level(
+                QueuePolicy.from_proto(batching.priority_queue_policy[number])
+                if number in batching.priority_queue_policy
+                else default_policy
+            )
+            for number in range(1, count + 1)
         ]
-        self._queues: list[deque[InferRequest]] = [deque() for _ in range(levels)]
-        #: Requests whose queue timeout passed under timeout_action DELAY.
-        self._delayed: deque[InferRequest] = deque()
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._delay_timer: asyncio.TimerHandle | None = None
+        self._delay_due_ns = 0
         self._sequence = 0
         self._running = 0
         # preserve_ordering: results wait here until every earlier batch is done.
@@ -151,62 +202,71 @@ class Scheduler:
     # --- intake ---------------------------------------------------------------
 
     def submit(self, request: InferRequest) -> asyncio.Future[Outputs]:
-        """Queue ``request``; the returned future resolves with its outputs."""
+        """Queue ``request``; the returned future resolves with its outputs.
+
+        Raises ``QueueFullError`` at once when its level's queue is full.
+        """
         if self._closed:
             raise ModelUnavailableError("model is unloading; no new requests accepted")
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
-        level = self._level(request)
-        policy = self._policies[level - 1]
-        queue = self._queues[level - 1]
-        if policy.max_queue_size and len(queue) >= policy.max_queue_size:
+        number = self._level_number(request)
+        level = self._levels[number - 1]
+        policy = level.policy
+        if policy.max_queue_size and len(level) >= policy.max_queue_size:
             raise QueueFullError(
-                f"the queue for priority level {level} is full ({policy.max_queue_size} "
+                f"the queue for priority level {number} is full ({policy.max_queue_size} "
                 "requests); retry later"
             )
+        if not request.arrival_ns:
+            request.arrival_ns = time.monotonic_ns()
         future: asyncio.Future[Outputs] = loop.create_future()
         request.future = future
         self._sequence += 1
         request.sequence = self._sequence
-        timeout_ns = policy.default_timeout_ns
-        if request.timeout_us and (policy.allow_override or not timeout_ns):
-            timeout_ns = request.timeout_us * 1000
+        timeout_ns = policy.timeout_ns(request.timeout_us)
         if timeout_ns:
             self._timers[request.sequence] = loop.call_at(
-                loop.time() + timeout_ns * 1e-9, self._expire, request, level, policy
+                loop.time() + timeout_ns * 1e-9, self._expire, request, level
             )
-        queue.append(request)
-        future.add_done_callback(self._on_done)
+        level.queue.append(request)
+        future.add_done_callback(functools.partial(self._on_done, request, level))
         self._dispatch()
         return future
 
-    def _level(self, request: InferRequest) -> int:
-        levels = len(self._queues)
-        if not request.priority:
-            return self.default_level
-        if request.priority > levels:
-            # Triton: out-of-range priorities take the default level.
+    def _level_number(self, request: InferRequest) -> int:
+        # Triton: priority 0 and out-of-range priorities take the default level.
+        if not request.priority or request.priority > len(self._levels):
             return self.default_level
         return request.priority
 
-    def _on_done(self, future: asyncio.Future[Outputs]) -> None:
-        # A caller that leaves (cancel/deadline) frees its queue slot at once;
-        # the stale entry is skipped when the next batch forms.
-        if future.cancelled():
-            self._dispatch()
+    def _on_done(
+        self, request: InferRequest, level: Level, future: asyncio.Future[Outputs]
+    ) -> None:
+        # A caller that leaves (cancel, deadline) frees its queue slot at once,
+        # so max_queue_size counts only requests someone still waits for.
+        if not future.cancelled():
+            return
+        self._forget(request)
+        for queue in (level.queue, level.delayed):
+            with contextlib.suppress(ValueError):  # not there: batched or dropped already
+                queue.remove(request)
+        self._notify_idle()
 
-    def _expire(self, request: InferRequest, level: int, policy: QueuePolicy) -> None:
+    def _expire(self, request: InferRequest, level: Level) -> None:
+        """The request's queue timeout passed: reject it, or move it back (DELAY)."""
         self._timers.pop(request.sequence, None)
-        queue = self._queues[level - 1]
-        if request.future is None or request.future.done() or request not in queue:
+        future = request.future
+        if future is None or future.done() or request not in level.queue:
             return
-        queue.remove(request)
-        if policy.delay_on_timeout:
-            self._delayed.append(request)
+        level.queue.remove(request)
+        if level.policy.delay_on_timeout:
+            level.delayed.append(request)
             return
-        request.future.set_exception(
+        future.set_exception(
             RequestTimeoutError("request timed out in the queue before it could run")
         )
+        self._notify_idle()
 
     # --- batching -------------------------------------------------------------
 
@@ -215,33 +275,36 @@ class Scheduler:
         while self._idle:
             batch = self._take_batch()
             if not batch:
-                return
+                break
             self._start(self._idle.pop(), batch)
+        self._notify_idle()
+
+    def _queues(self) -> Iterator[deque[InferRequest]]:
+        """Every queue in serving order: by level, each level's delayed ones last."""
+        for level in self._levels:
+            yield level.queue
+            yield level.delayed
 
     def _live_head(self) -> InferRequest | None:
-        """The oldest live request of the highest priority; drops dead ones."""
+        """The first live request in serving order; drops dead ones before it."""
         now = time.monotonic()
-        for queue in (*self._queues, self._delayed):
+        for queue in self._queues():
             while queue:
                 request = queue[0]
-                if self._still_wanted(request, now):
+                if _alive(request, now):
                     return request
                 queue.popleft()
+                self._drop(request)
         return None
 
-    def _still_wanted(self, request: InferRequest, now: float) -> bool:
+    def _drop(self, request: InferRequest) -> None:
+        """Forget a request that will never run; tell its caller, if still there, why."""
+        self._forget(request)
         future = request.future
-        assert future is not None
-        if future.done():
-            self._forget(request)
-            return False
-        if request.deadline is not None and now >= request.deadline:
-            self._forget(request)
+        if future is not None and not future.done():
             future.set_exception(
                 RequestTimeoutError("the request's deadline passed while it was queued")
             )
-            return False
-        return True
 
     def _forget(self, request: InferRequest) -> None:
         timer = self._timers.pop(request.sequence, None)
@@ -256,30 +319,35 @@ class Scheduler:
             return self._remove([head])
         batch, rows = self._gather(head)
         if rows < self.max_rows and rows not in self.preferred:
-            waited = time.monotonic_ns() - head.arrival_ns
-            if waited < self.delay_ns:
-                trimmed = self._trim_to_preferred(batch)
-                if not trimmed:
-                    self._wait_for_delay(head.arrival_ns + self.delay_ns)
+            # Neither full nor a preferred size: within max_queue_delay of the
+            # oldest request, send a preferred-size part or wait for more. With
+            # no delay configured the deadline is already past: send what is here.
+            due_ns = min(r.arrival_ns for r in batch) + self.delay_ns
+            if time.monotonic_ns() < due_ns:
+                batch = self._trim_to_preferred(batch)
+                if not batch:
+                    self._wait_for_delay(due_ns)
                     return []
-                batch = trimmed
         return self._remove(batch)
 
     def _gather(self, head: InferRequest) -> tuple[list[InferRequest], int]:
-        """Requests that can join ``head``'s batch, in priority then arrival order."""
+        """Requests that can join ``head``'s batch, in serving order."""
         batch = [head]
         rows = head.rows
         now = time.monotonic()
-        for queue in (*self._queues, self._delayed):
+        for queue in self._queues():
             for request in queue:
-                if request is head or request.shape_key != head.shape_key:
+                if request is head or not _alive(request, now):
+                    continue
+                if request.shape_key != head.shape_key:
+                    if self.preserve_ordering:
+                        # Triton closes the batch here: a later request must not
+                        # overtake this one, or responses would leave out of order.
+                        return batch, rows
                     continue
                 if rows + request.rows > self.max_rows:
+                    # Triton does not look further for a smaller request: FIFO.
                     return batch, rows
-                if request.future is None or request.future.done():
-                    continue
-                if request.deadline is not None and now >= request.deadline:
-                    continue
                 batch.append(request)
                 rows += request.rows
                 if rows == self.max_rows:
@@ -297,8 +365,13 @@ class Scheduler:
         return best
 
     def _wait_for_delay(self, due_ns: int) -> None:
-        if self._delay_timer is not None or self._loop is None:
+        if self._loop is None:
             return
+        if self._delay_timer is not None:
+            if self._delay_due_ns <= due_ns:
+                return
+            self._delay_timer.cancel()
+        self._delay_due_ns = due_ns
         delay = max(0.0, (due_ns - time.monotonic_ns()) * 1e-9)
         self._delay_timer = self._loop.call_later(delay, self._delay_elapsed)
 
@@ -307,12 +380,17 @@ class Scheduler:
         self._dispatch()
 
     def _remove(self, batch: list[InferRequest]) -> list[InferRequest]:
-        chosen = set(map(id, batch))
-        for i, queue in enumerate(self._queues):
-            if any(id(r) in chosen for r in queue):
-                self._queues[i] = deque(r for r in queue if id(r) not in chosen)
-        if self._delayed and any(id(r) in chosen for r in self._delayed):
-            self._delayed = deque(r for r in self._delayed if id(r) not in chosen)
+        chosen = set(batch)  # InferRequest compares by identity
+        left = len(batch)
+        for queue in self._queues():
+            if not left:
+                break
+            taken = sum(1 for r in queue if r in chosen)
+            if taken:
+                kept = [r for r in queue if r not in chosen]
+                queue.clear()
+                queue.extend(kept)
+                left -= taken
         now = time.monotonic_ns()
         for request in batch:
             self._forget(request)
@@ -326,23 +404,26 @@ class Scheduler:
         self._running += 1
         number = self._batch_counter
         self._batch_counter += 1
-        work: Future[BatchResult] = self._executor.submit(run_batch, runner, batch)
         loop = self._loop
 
-        def done(work: Future[BatchResult]) -> None:
-            loop.call_soon_threadsafe(self._finish, runner, batch, number, work)
+        def done(outcome: BatchResult | BaseException) -> None:
+            loop.call_soon_threadsafe(self._finish, runner, batch, number, outcome)
 
-        work.add_done_callback(done)
+        self._workers[id(runner)].submit(batch, done)
 
     def _finish(
-        self, runner: Runner, batch: list[InferRequest], number: int, work: Future[BatchResult]
+        self,
+        runner: Runner,
+        batch: list[InferRequest],
+        number: int,
+        outcome: BatchResult | BaseException,
     ) -> None:
         self._running -= 1
         self._idle.append(runner)
-        try:
-            outcome: BatchResult | BaseException = work.result()
-        except BaseException as exc:  # delivered to the batch's callers below
-            outcome = exc
+        if batch_observer is not None:
+            batch_observer(
+                self._stats, batch, outcome if isinstance(outcome, BaseException) else None
+            )
         if self.preserve_ordering:
             self._finished[number] = (batch, outcome)
             while self._next_batch in self._finished:
@@ -351,38 +432,39 @@ class Scheduler:
         else:
             self._deliver(batch, outcome)
         self._dispatch()
-        if not self._running and not self.queued:
-            for waiter in self._idle_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._idle_waiters.clear()
 
     def _deliver(self, batch: list[InferRequest], outcome: BatchResult | BaseException) -> None:
         if isinstance(outcome, BaseException):
-            error = outcome if isinstance(outcome, LockgateError) else ExecutionError(
-                f"model execution failed: {outcome}"
-            )
+            if isinstance(outcome, LockgateError):
+                error = outcome
+            else:
+                log.error("batch of %d request(s) failed", len(batch), exc_info=outcome)
+                error = LockgateError(f"internal error while running the batch: {outcome!r}")
             for request in batch:
                 _resolve(request, error)
             return
-        rows = sum(r.rows for r in batch)
-        self._stats.record_execution(rows, outcome.input_ns, outcome.infer_ns, outcome.output_ns)
-        for request, result in zip(batch, outcome.outputs, strict=True):
-            request.compute_ns = (outcome.input_ns, outcome.infer_ns, outcome.output_ns)
-            _resolve(request, result)
+        for run in outcome.executions:
+            self._stats.record_execution(run.rows, run.input_ns, run.infer_ns, run.output_ns)
+        for request, result in zip(batch, outcome.results, strict=True):
+            if isinstance(result, LockgateError):
+                _resolve(request, result)
+                continue
+            outputs, run = result
+            request.compute_ns = (run.input_ns, run.infer_ns, run.output_ns)
+            _resolve(request, outputs)
 
     # --- lifecycle ------------------------------------------------------------
 
     @property
     def queued(self) -> int:
-        return sum(len(q) for q in self._queues) + len(self._delayed)
+        return sum(len(level) for level in self._levels)
 
     @property
     def pending(self) -> int:
         """Requests waiting for an instance whose callers still wait for them."""
         return sum(
             1
-            for queue in (*self._queues, self._delayed)
+            for queue in self._queues()
             for r in queue
             if r.future is not None and not r.future.done()
         )
@@ -399,20 +481,70 @@ class Scheduler:
         self._idle_waiters.append(waiter)
         await waiter
 
+    def _notify_idle(self) -> None:
+        if self.busy or not self._idle_waiters:
+            return
+        for waiter in self._idle_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._idle_waiters.clear()
+
     def close(self) -> None:
         """Refuse new work and fail what is still queued."""
         self._closed = True
-        for queue in (*self._queues, self._delayed):
+        for queue in self._queues():
             while queue:
                 request = queue.popleft()
+                self._forget(request)
                 if request.future is not None and not request.future.done():
-                    self._forget(request)
                     request.future.set_exception(
                         ModelUnavailableError("model was unloaded before the request ran")
                     )
         if self._delay_timer is not None:
             self._delay_timer.cancel()
-        self._executor.shutdown(wait=False)
+            self._delay_timer = None
+        self._notify_idle()
+        for worker in self._workers.values():
+            worker.stop()
+
+
+class InstanceWorker:
+    """The thread that runs one instance's batches.
+
+    A dedicated thread fed through a SimpleQueue costs about half the CPU of a
+    ThreadPoolExecutor round trip (measured: 58 vs 105 µs), which matters
+    when the model itself runs in 12 µs.
+    """
+
+    def __init__(self, runner: Runner, name: str) -> None:
+        self._runner = runner
+        self._queue: SimpleQueue[tuple[list[InferRequest], Done] | None] = SimpleQueue()
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def submit(self, batch: list[InferRequest], done: Done) -> None:
+        self._queue.put((batch, done))
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            batch, done = item
+            try:
+                outcome: BatchResult | BaseException = run_batch(self._runner, batch)
+            except BaseException as exc:  # delivered to the batch's callers
+                outcome = exc
+            done(outcome)
+
+
+def _alive(request: InferRequest, now: float) -> bool:
+    """Someone still waits for the request, and its deadline has not passed."""
+    future = request.future
+    return (
+        future is not None
+        and not future.done()
+        and (request.deadline is None or now < request.deadline)
+    )
 
 
 def _resolve(request: InferRequest, result: Outputs | BaseException) -> None:
@@ -431,28 +563,35 @@ def run_batch(runner: Runner, batch: list[InferRequest]) -> BatchResult:
     If ONNX Runtime rejects a merged batch, each request is re-run alone so
     that only the one at fault fails.
     """
-    clock: Callable[[], int] = time.perf_counter_ns
+    try:
+        return _run_merged(runner, batch)
+    except ExecutionError:
+        if len(batch) == 1:
+            raise
+    return _run_one_by_one(runner, batch)
+
+
+def _run_merged(runner: Runner, batch: list[InferRequest]) -> BatchResult:
+    clock = time.perf_counter_ns
     start = clock()
     feeds = merge_inputs(batch)
     merged = clock()
-    try:
-        outputs = runner.run(feeds)
-    except ExecutionError as error:
-        if len(batch) == 1:
-            raise
-        del error
-        return _run_one_by_one(runner, batch, start)
+    outputs = runner.run(feeds)
     ran = clock()
     parts = split_outputs(outputs, batch)
-    split = clock()
-    return BatchResult(list(parts), merged - start, ran - merged, split - ran)
+    run = Execution(sum(r.rows for r in batch), merged - start, ran - merged, clock() - ran)
+    return BatchResult([(part, run) for part in parts], [run])
 
 
-def _run_one_by_one(runner: Runner, batch: list[InferRequest], start: int) -> BatchResult:
-    results: list[Outputs | LockgateError] = []
+def _run_one_by_one(runner: Runner, batch: list[InferRequest]) -> BatchResult:
+    results: list[tuple[Outputs, Execution] | LockgateError] = []
+    executions: list[Execution] = []
     for request in batch:
         try:
-            results.append(runner.run(request.inputs))
+            alone = _run_merged(runner, [request])
         except ExecutionError as error:
             results.append(error)
-    return BatchResult(results, 0, time.perf_counter_ns() - start, 0)
+            continue
+        results += alone.results
+        executions += alone.executions
+    return BatchResult(results, executions)

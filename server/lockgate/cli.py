@@ -16,8 +16,10 @@ from lockgate.config import (
     MAX_MESSAGE_BYTES,
     ServerConfig,
     env_default,
+    parse_buckets,
 )
 from lockgate.logs import configure_logging
+from lockgate.stats import BATCH_BUCKETS, DURATION_BUCKETS
 
 log = logging.getLogger("lockgate")
 
@@ -54,7 +56,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     where.add_argument(
         "--model-repository",
         action="append",
-        default=_env("model-repository", []),
+        default=None,
         metavar="DIR",
         help="Triton-layout repository: DIR/<model>/config.pbtxt, DIR/<model>/<version>/"
         "model.onnx (repeatable)",
@@ -70,7 +72,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         "--load-model",
         action="append",
         dest="load_models",
-        default=_env("load-model", []),
+        default=None,
         metavar="NAME",
         help="explicit mode: models to load at start ('*' for all)",
     )
@@ -86,9 +88,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     net = serve.add_argument_group("network")
     net.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on")
     net.add_argument("--grpc-port", type=int, default=_env("grpc-port", DEFAULT_GRPC_PORT))
-    net.add_argument(
-        "--metrics-port", type=int, default=_env("metrics-port", DEFAULT_METRICS_PORT)
-    )
+    net.add_argument("--metrics-port", type=int, default=_env("metrics-port", DEFAULT_METRICS_PORT))
     net.add_argument(
         "--metrics",
         action=argparse.BooleanOptionalAction,
@@ -140,7 +140,13 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         help="bearer tokens, one per line: TOKEN [infer|control]",
     )
     obs = serve.add_argument_group("observability")
-    obs.add_argument("--log-level", default=_env("log-level", "info"))
+    obs.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error", "critical"],
+        default=_env("log-level", "info"),
+        help="info logs model loads/unloads and each failed request; successes never",
+    )
     obs.add_argument("--log-format", choices=["text", "json"], default=_env("log-format", "text"))
     obs.add_argument(
         "--trace",
@@ -148,11 +154,28 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         default=_env("trace", False),
         help="OpenTelemetry tracing (exporter and sampling from OTEL_* variables)",
     )
+    obs.add_argument(
+        "--duration-buckets",
+        type=_buckets,
+        default=_env("duration-buckets", None),
+        metavar="S,S,...",
+        help="bounds in seconds of the request/queue/compute duration histograms "
+        "(default 0.0001 ... 10)",
+    )
+    obs.add_argument(
+        "--batch-size-buckets",
+        type=_buckets,
+        default=_env("batch-size-buckets", None),
+        metavar="N,N,...",
+        help="bounds in rows of the batch size histogram (default 1,2,4,...,256)",
+    )
     serve.set_defaults(func=run_serve)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    repositories = list(args.model_repository) + list(args.model)
+    # Flags replace LOCKGATE_MODEL_REPOSITORY rather than add to it.
+    flagged = args.model_repository or _env("model-repository", [])
+    repositories = list(flagged) + list(args.model)
     if not repositories:
         raise SystemExit("lockgate serve: give --model-repository DIR or a MODEL.onnx path")
     return ServerConfig(
@@ -162,7 +185,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         metrics_port=int(args.metrics_port),
         metrics=bool(args.metrics),
         model_control_mode=args.model_control_mode,
-        load_models=list(args.load_models),
+        load_models=list(args.load_models or _env("load-model", [])),
         repository_poll_secs=float(args.repository_poll_secs),
         default_max_batch_size=int(args.default_max_batch_size),
         strict_readiness=bool(args.strict_readiness),
@@ -173,11 +196,20 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         log_format=args.log_format,
         log_level=args.log_level,
         trace=bool(args.trace),
+        duration_buckets=args.duration_buckets or DURATION_BUCKETS,
+        batch_size_buckets=args.batch_size_buckets or BATCH_BUCKETS,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_token_file=args.auth_token_file,
     )
+
+
+def _buckets(text: str) -> tuple[float, ...]:
+    try:
+        return parse_buckets(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _float_or_none(value: Any) -> float | None:

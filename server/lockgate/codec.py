@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from lockgate.errors import InvalidInputError, UnsupportedError
+from lockgate.request import Array, InferRequest
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client.datatypes import (
     CONTENTS_FIELD,
@@ -21,9 +24,6 @@ from lockgate_client.datatypes import (
     deserialize_bytes,
     serialize_bytes,
 )
-
-from lockgate.errors import InvalidInputError
-from lockgate.request import Array, InferRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,7 @@ class Limits:
 
 # Integer ranges for typed contents narrower than their protobuf field.
 _INT_RANGES = {
-    name: (int(np.iinfo(dt).min), int(np.iinfo(dt).max))
+    name: (int(np.iinfo(dt).min), int(np.iinfo(dt).max))  # type: ignore[type-var]
     for name, dt in WIRE_DTYPES.items()
     if dt.kind in "iu"
 }
@@ -66,6 +66,9 @@ def decode_request(
     limits: Limits,
 ) -> InferRequest:
     """Validate ``request`` against the model and build an ``InferRequest``."""
+    for tensor in request.inputs:
+        if tensor.parameters:
+            _check_tensor_parameters(tensor.name, "input", tensor.parameters)
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInputError(
@@ -75,7 +78,9 @@ def decode_request(
     batched = limits.max_batch_size > 0
     arrays: dict[str, Array] = {}
     rows = 1
-    shape_key: list[tuple[int, ...]] = []
+    # Names as well as shapes: requests that list inputs in another order, or
+    # leave out different optional inputs, must never be merged as equals.
+    shape_key: list[tuple[str, tuple[int, ...]]] = []
     for index, tensor in enumerate(request.inputs):
         spec = inputs.get(tensor.name)
         if spec is None:
@@ -107,9 +112,9 @@ def decode_request(
                     f"input has {rows}; all inputs must agree"
                 )
             rows = input_rows
-            shape_key.append(shape[1:])
+            shape_key.append((tensor.name, shape[1:]))
         else:
-            shape_key.append(shape)
+            shape_key.append((tensor.name, shape))
         arrays[tensor.name] = array
     if len(arrays) != len(inputs):
         missing = [n for n, s in inputs.items() if n not in arrays and not s.optional]
@@ -249,15 +254,32 @@ def _requested_outputs(
     if not request.outputs:
         return None
     names = [o.name for o in request.outputs]
+    for output in request.outputs:
+        if output.parameters:
+            _check_tensor_parameters(output.name, "output", output.parameters)
     for name in names:
         if name not in output_names:
             raise InvalidInputError(
-                f"unknown output '{name}' requested: the model's outputs are "
-                f"{sorted(output_names)}"
+                f"unknown output '{name}' requested: the model's outputs are {sorted(output_names)}"
             )
     if len(set(names)) != len(names):
-        raise InvalidInputError("an output is requested more than once")
+        twice = next(n for n in names if names.count(n) > 1)
+        raise InvalidInputError(f"output '{twice}' is requested more than once")
     return names
+
+
+#: Tensor parameters of Triton extensions Lockgate does not implement. Ignoring
+#: them would answer something else than what was asked for.
+_UNSUPPORTED_PARAMETERS = {
+    "shared_memory_region": "shared memory is not supported by Lockgate; send tensors inline",
+    "classification": "the classification extension is not supported by Lockgate",
+}
+
+
+def _check_tensor_parameters(name: str, kind: str, parameters: Any) -> None:
+    for key, why in _UNSUPPORTED_PARAMETERS.items():
+        if key in parameters:
+            raise UnsupportedError(f"{kind} '{name}' has parameter '{key}': {why}")
 
 
 def encode_response(
@@ -275,9 +297,7 @@ def encode_response(
         array = outputs[name]
         datatype = datatypes[name]
         tensors.append(
-            pb.ModelInferResponse.InferOutputTensor(
-                name=name, datatype=datatype, shape=array.shape
-            )
+            pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=array.shape)
         )
         raws.append(_to_raw(array, datatype))
     return pb.ModelInferResponse(

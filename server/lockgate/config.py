@@ -9,6 +9,7 @@ does it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,10 +17,11 @@ from pathlib import Path
 from typing import Literal
 
 from google.protobuf import json_format, text_format
-from lockgate_client._proto import model_config_pb2 as mc
-from lockgate_client.datatypes import CONFIG_TO_WIRE
 
 from lockgate.errors import ModelLoadError
+from lockgate.stats import BATCH_BUCKETS, DURATION_BUCKETS
+from lockgate_client._proto import model_config_pb2 as mc
+from lockgate_client.datatypes import CONFIG_TO_WIRE
 
 ModelControlMode = Literal["none", "explicit", "poll"]
 
@@ -56,6 +58,9 @@ class ServerConfig:
     log_level: str = "info"
     trace: bool = False
     trace_ratio: float = 1.0
+    #: Histogram bucket bounds: durations in seconds, batch sizes in rows.
+    duration_buckets: tuple[float, ...] = DURATION_BUCKETS
+    batch_size_buckets: tuple[float, ...] = BATCH_BUCKETS
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -287,3 +292,21 @@ def validate_config(config: mc.ModelConfig) -> None:
 def env_default(flag: str, default: str | None = None) -> str | None:
     """LOCKGATE_<FLAG> from the environment, e.g. LOCKGATE_GRPC_PORT."""
     return os.environ.get("LOCKGATE_" + flag.upper().replace("-", "_"), default)
+
+
+def parse_buckets(text: str) -> tuple[float, ...]:
+    """Histogram bounds from ``"0.001,0.01,0.1"``: positive, strictly increasing.
+
+    ``+Inf`` is always added by the exposition, so it need not (and may not) be given.
+    """
+    try:
+        bounds = tuple(float(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ValueError(f"bucket bounds must be comma-separated numbers, got '{text}'") from None
+    if not bounds:
+        raise ValueError("give at least one bucket bound")
+    if any(not 0 < b < float("inf") for b in bounds):
+        raise ValueError(f"bucket bounds must be positive and finite, got '{text}'")
+    if any(a >= b for a, b in itertools.pairwise(bounds)):
+        raise ValueError(f"bucket bounds must be strictly increasing, got '{text}'")
+    return bounds

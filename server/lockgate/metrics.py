@@ -8,27 +8,29 @@ work) plus Lockgate's histograms, whenever /metrics is scraped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from typing import Any
-
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     GCCollector,
     ProcessCollector,
+    generate_latest,
 )
-from prometheus_client.utils import floatToGoString
 from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from lockgate.config import ServerConfig
+from lockgate.gpu import Gpus, open_gpus
+from lockgate.model import ModelVersion
 from lockgate.repository import ModelRepository
 from lockgate.stats import Histogram
 
@@ -98,7 +100,7 @@ class ModelCollector(Collector):
             input_us.add_metric(labels, stats.compute_input.ns / 1000)
             infer_us.add_metric(labels, stats.compute_infer.ns / 1000)
             output_us.add_metric(labels, stats.compute_output.ns / 1000)
-            pending.add_metric(labels, model.scheduler.pending)
+            pending.add_metric(labels, _pending(model))
             load.add_metric(labels, stats.load_seconds)
             ready.add_metric(labels, 1)
             _observe(histograms["request"], labels, stats.request_seconds)
@@ -107,6 +109,50 @@ class ModelCollector(Collector):
             _observe(histograms["batch"], labels, stats.batch_size)
         yield from (success, failure, count, execs, request_us, queue_us, input_us)
         yield from (infer_us, output_us, pending, load, ready, *histograms.values())
+
+
+def _pending(model: ModelVersion) -> int:
+    """Queued requests whose callers still wait, read from the scrape thread.
+
+    The scheduler's queues belong to the event loop thread; walking one while
+    the loop appends to it can raise RuntimeError ("deque mutated during
+    iteration"). A retry almost always succeeds; the plain queue length (which
+    may still count a request whose caller has just left) is the fallback.
+    """
+    for _ in range(3):
+        try:
+            return model.scheduler.pending
+        except RuntimeError:
+            continue
+    return model.scheduler.queued
+
+
+class GpuCollector(Collector):
+    """Triton's ``nv_gpu_*`` gauges, one sample per GPU (label ``gpu_uuid``)."""
+
+    def __init__(self, gpus: Gpus) -> None:
+        self._gpus = gpus
+
+    def collect(self) -> Iterator[Metric]:
+        families = {
+            "utilization": ("nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0)"),
+            "memory_total_bytes": ("nv_gpu_memory_total_bytes", "GPU total memory, in bytes"),
+            "memory_used_bytes": ("nv_gpu_memory_used_bytes", "GPU used memory, in bytes"),
+            "power_usage": ("nv_gpu_power_usage", "GPU power usage in watts"),
+            "power_limit": ("nv_gpu_power_limit", "GPU power management limit in watts"),
+            "energy_consumption": (
+                "nv_energy_consumption",
+                "GPU energy consumption in joules since the driver loaded",
+            ),
+        }
+        readings = self._gpus.read()
+        for field, (name, doc) in families.items():
+            family = GaugeMetricFamily(name, doc, labels=["gpu_uuid"])
+            for reading in readings:
+                value = getattr(reading, field)
+                if value is not None:
+                    family.add_metric([reading.uuid], value)
+            yield family
 
 
 class TritonCounter(Metric):
@@ -138,6 +184,8 @@ def exposition(registry: CollectorRegistry) -> bytes:
 
     prometheus_client's writer renames every counter family to ``*_total``;
     Triton's are plain (``nv_inference_count``), and dashboards query those.
+    Only for the Triton families: the process and GC ones keep the standard
+    writer (see ``Metrics.render``), whose ``*_total`` names they expect.
     """
     lines: list[str] = []
     for metric in registry.collect():
@@ -145,8 +193,10 @@ def exposition(registry: CollectorRegistry) -> bytes:
         lines.append(f"# TYPE {metric.name} {metric.type}")
         for sample in metric.samples:
             labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(sample.labels.items()))
-            value = floatToGoString(sample.value)
-            lines.append(f"{sample.name}{{{labels}}} {value}" if labels else f"{sample.name} {value}")
+            value = floatToGoString(sample.value)  # type: ignore[no-untyped-call]
+            lines.append(
+                f"{sample.name}{{{labels}}} {value}" if labels else f"{sample.name} {value}"
+            )
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -154,19 +204,49 @@ def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+class Metrics:
+    """Everything /metrics shows: Triton's families, then the standard ones."""
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self.triton = CollectorRegistry(auto_describe=False)
+        self.triton.register(ModelCollector(repository))
+        self.gpus = open_gpus()
+        if self.gpus is not None:
+            self.triton.register(GpuCollector(self.gpus))
+        self.standard = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.standard)
+        GCCollector(registry=self.standard)
+
+    def render(self) -> bytes:
+        return exposition(self.triton) + generate_latest(self.standard)
+
+    def close(self) -> None:
+        if self.gpus is not None:
+            self.gpus.close()
+
+
+class MetricsServer(ThreadingHTTPServer):
+    """The /metrics HTTP server; ``shutdown`` also releases NVML."""
+
+    daemon_threads = True
+    metrics: Metrics
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.server_close()
+        self.metrics.close()
+
+
 def start_metrics_server(config: ServerConfig, repository: ModelRepository) -> Any:
     """Serve /metrics on its own thread; returns the HTTP server (for shutdown)."""
-    registry = CollectorRegistry()
-    registry.register(ModelCollector(repository))
-    ProcessCollector(registry=registry)
-    GCCollector(registry=registry)
+    metrics = Metrics(repository)
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             if self.path.split("?")[0] not in ("/metrics", "/"):
                 self.send_error(404, "metrics are at /metrics")
                 return
-            body = exposition(registry)
+            body = metrics.render()
             self.send_response(200)
             self.send_header("Content-Type", CONTENT_TYPE_LATEST)
             self.send_header("Content-Length", str(len(body)))
@@ -176,8 +256,8 @@ def start_metrics_server(config: ServerConfig, repository: ModelRepository) -> A
         def log_message(self, format: str, *args: Any) -> None:
             del format, args  # scrapes are not worth a log line each
 
-    server = ThreadingHTTPServer((config.host, config.metrics_port), Handler)
-    server.daemon_threads = True
+    server = MetricsServer((config.host, config.metrics_port), Handler)
+    server.metrics = metrics
     threading.Thread(target=server.serve_forever, name="lockgate-metrics", daemon=True).start()
     log.info("metrics on http://%s:%d/metrics", config.host, server.server_address[1])
     return server

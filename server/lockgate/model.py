@@ -9,9 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from lockgate_client._proto import grpc_service_pb2 as pb
-from lockgate_client._proto import model_config_pb2 as mc
-from lockgate_client.datatypes import CONFIG_TO_WIRE, WIRE_DTYPES
 
 from lockgate.batcher import Outputs, Scheduler
 from lockgate.codec import Limits, TensorSpec
@@ -20,6 +17,9 @@ from lockgate.errors import LockgateError, ModelLoadError
 from lockgate.request import InferRequest
 from lockgate.runner import Runner, plan_instances
 from lockgate.stats import ModelStats
+from lockgate_client._proto import grpc_service_pb2 as pb
+from lockgate_client._proto import model_config_pb2 as mc
+from lockgate_client.datatypes import CONFIG_TO_WIRE, WIRE_DTYPES
 
 log = logging.getLogger("lockgate.model")
 
@@ -85,7 +85,12 @@ class ModelVersion:
         # Instance planning may change once max_batch_size is known; re-plan.
         placements = plan_instances(config)
         runners = [first] + [Runner(path, config, p) for p in placements[1:]]
-        stats = ModelStats(name=config.name, version=str(version))
+        stats = ModelStats(
+            name=config.name,
+            version=str(version),
+            duration_buckets=server.duration_buckets,
+            batch_buckets=server.batch_size_buckets,
+        )
         inputs = _specs(list(config.input))
         outputs = _specs(list(config.output))
         model = cls(
@@ -117,6 +122,7 @@ class ModelVersion:
             config.max_batch_size,
             ", dynamic batching" if model.scheduler.max_rows else "",
             stats.load_seconds,
+            extra={"event": "model_loaded", "model": model.name, "version": model.version},
         )
         return model
 
@@ -212,6 +218,6 @@ def _check_batch_dims(config: mc.ModelConfig, runner: Runner) -> None:
         if not tensor.shape or tensor.shape[0] != -1:
             raise ModelLoadError(
                 f"model '{config.name}': max_batch_size is {config.max_batch_size} but "
-                f"tensor '{tensor.name}' has shape {list(tensor.shape)} with no variable batch dimension"
+                f"tensor '{tensor.name}' has shape {list(tensor.shape)}, "
+                "with no variable batch dimension"
             )
-

@@ -73,7 +73,7 @@ class RepositoryPoller:
         self._seen = current
         await self._server.update_health()
 
-    async def _attempt(self, action: "asyncio.Future[None] | object") -> None:
+    async def _attempt(self, action: asyncio.Future[None] | object) -> None:
         try:
             await action  # type: ignore[misc]
         except LockgateError as exc:

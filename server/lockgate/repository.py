@@ -18,8 +18,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from lockgate_client._proto import model_config_pb2 as mc
-
 from lockgate.config import (
     DEFAULT_MODEL_FILENAME,
     ServerConfig,
@@ -34,6 +32,7 @@ from lockgate.errors import (
     ModelUnavailableError,
 )
 from lockgate.model import ModelVersion
+from lockgate_client._proto import model_config_pb2 as mc
 
 log = logging.getLogger("lockgate.repository")
 
@@ -100,6 +99,8 @@ class ModelEntry:
     reason: str = ""
     #: Directory we created for a RepositoryModelLoad with files; removed on unload.
     scratch: Path | None = None
+    #: Unloaded on request: listed in the index, but not owed to strict readiness.
+    unloaded: bool = False
 
 
 class ModelRepository:
@@ -149,7 +150,8 @@ class ModelRepository:
     def all_ready(self) -> bool:
         """Every known model has a ready version (strict readiness)."""
         return all(
-            any(s.state == READY for s in e.versions.values()) for e in self._entries.values()
+            e.unloaded or any(s.state == READY for s in e.versions.values())
+            for e in self._entries.values()
         )
 
     def index(self, ready_only: bool = False) -> list[tuple[str, str, str, str]]:
@@ -193,7 +195,17 @@ class ModelRepository:
         for name in wanted:
             if name not in sources:
                 raise ModelNotFoundError(f"no model '{name}' in the model repository")
-        await asyncio.gather(*(self.load(name, sources=sources) for name in wanted))
+        # Wait for every load, not just the first failure: readiness and
+        # per-model health are published once this returns.
+        results = await asyncio.gather(
+            *(self.load(name, sources=sources) for name in wanted), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for error in errors:
+            if not isinstance(error, LockgateError):
+                raise error
+        if errors:
+            raise errors[0]
 
     # --- load / unload ---------------------------------------------------------
 
@@ -224,6 +236,7 @@ class ModelRepository:
             new_entry = ModelEntry(source=source, scratch=scratch)
             self._entries[name] = new_entry if entry is None else entry
             target = self._entries[name]
+            target.unloaded = False
             try:
                 loaded = await asyncio.to_thread(self._load_versions, source, config_json)
             except LockgateError as exc:
@@ -250,7 +263,9 @@ class ModelRepository:
             if loaded and len(failed) == len(loaded):
                 raise ModelLoadError(f"model '{name}' failed to load: {failed[0]}")
 
-    def _load_versions(self, source: ModelSource, config_json: str | None) -> dict[int, VersionState]:
+    def _load_versions(
+        self, source: ModelSource, config_json: str | None
+    ) -> dict[int, VersionState]:
         if config_json is not None:
             config = parse_config_override(config_json, f"config for model '{source.name}'")
             has_file = True
@@ -266,9 +281,7 @@ class ModelRepository:
         states: dict[int, VersionState] = {}
         for version, path in sorted(paths.items()):
             try:
-                model = ModelVersion.load(
-                    source.name, version, path, config, self.config, has_file
-                )
+                model = ModelVersion.load(source.name, version, path, config, self.config, has_file)
                 states[version] = VersionState(READY, model=model)
             except LockgateError as exc:
                 log.error("model %s version %d failed to load: %s", source.name, version, exc)
@@ -296,6 +309,7 @@ class ModelRepository:
             if entry.scratch is not None:
                 shutil.rmtree(entry.scratch, ignore_errors=True)
                 entry.scratch = None
+            entry.unloaded = True
             log.info("unloaded model %s", name)
 
     async def _retire(self, models: list[ModelVersion]) -> None:
@@ -326,9 +340,7 @@ class ModelRepository:
 
 
 def _why(entry: ModelEntry) -> str:
-    reasons = entry.reason or next(
-        (s.reason for s in entry.versions.values() if s.reason), ""
-    )
+    reasons = entry.reason or next((s.reason for s in entry.versions.values() if s.reason), "")
     return f": {reasons}" if reasons else ""
 
 

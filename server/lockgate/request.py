@@ -6,7 +6,6 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
 Array = npt.NDArray[Any]
@@ -23,8 +22,9 @@ class InferRequest:
     rows: int
     #: Output names the caller asked for, in order; None means all.
     outputs: list[str] | None
-    #: Non-batch shapes of the inputs: only requests with equal keys merge.
-    shape_key: tuple[tuple[int, ...], ...]
+    #: (name, non-batch shape) of each input, in wire order: only requests
+    #: with equal keys merge.
+    shape_key: tuple[tuple[str, tuple[int, ...]], ...]
     request_id: str = ""
     #: Priority level (1 = highest); 0 means the model's default.
     priority: int = 0

@@ -7,13 +7,18 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from lockgate.config import ServerConfig
 
 log = logging.getLogger("lockgate.security")
+
+if TYPE_CHECKING:  # generic only in the type stubs
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
 
 #: RPCs that never need a token: probes must work without secrets.
 OPEN_METHODS = frozenset(
@@ -47,7 +52,7 @@ class _CertificateFiles:
         key = Path(self.key).read_bytes()
         cert = Path(self.cert).read_bytes()
         ca = Path(self.client_ca).read_bytes() if self.client_ca else None
-        return grpc.ssl_server_certificate_configuration(((key, cert),), ca)
+        return grpc.ssl_server_certificate_configuration([(key, cert)], ca)
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """Called by gRPC before each handshake; None keeps the current one."""
@@ -73,7 +78,7 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     files = _CertificateFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
     return grpc.dynamic_ssl_server_credentials(
         files.configuration(),
-        files.fetch,
+        files.fetch,  # type: ignore[arg-type]  # gRPC documents None as 'no change'
         require_client_authentication=bool(config.tls_client_ca),
     )
 
@@ -98,7 +103,7 @@ def load_tokens(path: str | None) -> dict[str, frozenset[str]]:
     return tokens
 
 
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Checks ``authorization: Bearer <token>`` on every RPC except health."""
 
     def __init__(self, tokens: dict[str, frozenset[str]]) -> None:
@@ -124,9 +129,9 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         method = details.method
         if method in OPEN_METHODS or method.startswith("/grpc.reflection."):
             return await continuation(details)
@@ -141,7 +146,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return _deny(handler, *denial)
 
 
-def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> Any:
+def _deny(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
     """A handler of the same shape as ``handler`` that only aborts."""
 
     async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

@@ -18,12 +18,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from lockgate_client._proto import inference_service_pb2_grpc as service
 
+from lockgate import tracing
 from lockgate.config import ServerConfig
 from lockgate.errors import LockgateError
 from lockgate.repository import ModelRepository
-from lockgate.servicer import Servicer, ServerState
+from lockgate.servicer import ServerState, Servicer, add_to_server
 
 log = logging.getLogger("lockgate.server")
 
@@ -61,8 +61,9 @@ class LockgateServer:
         self.config = config
         self.state = ServerState()
         self.state.control_enabled = config.model_control_mode == "explicit"
+        self.state.on_models_changed = self.update_health
         self.repository = ModelRepository(config)
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.grpc_port = 0
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Event | None = None
@@ -71,14 +72,13 @@ class LockgateServer:
     async def start(self) -> None:
         """Bind, load models, and report ready."""
         self._stopping = asyncio.Event()
+        tracing.setup(self.config)
         from lockgate.security import TokenAuthInterceptor, load_tokens
 
         tokens = load_tokens(self.config.auth_token_file)
         interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
         server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
-        service.add_GRPCInferenceServiceServicer_to_server(
-            Servicer(self.repository, self.state), server
-        )
+        add_to_server(Servicer(self.repository, self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -185,6 +185,7 @@ class LockgateServer:
         self.repository.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        tracing.shutdown()  # flushes the spans still buffered
         log.info("drained and stopped in %.2f s", time.monotonic() - started)
 
     async def abort(self) -> None:

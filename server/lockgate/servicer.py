@@ -12,13 +12,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import wraps
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any
 
 import grpc
-from lockgate_client._proto import grpc_service_pb2 as pb
-from lockgate_client._proto import inference_service_pb2_grpc as service
+from google.protobuf.message import DecodeError
 
-from lockgate import __version__
+from lockgate import __version__, tracing
 from lockgate.codec import decode_request, encode_response
 from lockgate.errors import (
     InvalidInputError,
@@ -28,6 +27,8 @@ from lockgate.errors import (
 )
 from lockgate.model import ModelVersion
 from lockgate.repository import ModelRepository
+from lockgate_client._proto import grpc_service_pb2 as pb
+from lockgate_client._proto import inference_service_pb2_grpc as service
 
 log = logging.getLogger("lockgate.servicer")
 
@@ -40,22 +41,19 @@ EXTENSIONS = [
     "parameters",
 ]
 
-P = ParamSpec("P")
-R = TypeVar("R")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _status(
-    method: Callable[Concatenate[Servicer, Any, Context, P], Awaitable[R]],
-) -> Callable[Concatenate[Servicer, Any, Context, P], Awaitable[R]]:
+Unary = Callable[["Servicer", Any, Context], Awaitable[Any]]
+
+
+def _status(method: Unary) -> Unary:
     """Turn LockgateErrors raised by a unary RPC into its gRPC status."""
 
     @wraps(method)
-    async def wrapper(
-        self: Servicer, request: Any, context: Context, *args: P.args, **kwargs: P.kwargs
-    ) -> R:
+    async def wrapper(self: Servicer, request: Any, context: Context) -> Any:
         try:
-            return await method(self, request, context, *args, **kwargs)
+            return await method(self, request, context)
         except LockgateError as exc:
             await _abort(context, exc)
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -84,6 +82,8 @@ class ServerState:
         self.ready = False
         self.draining = False
         self.control_enabled = False
+        #: Called after a load or unload so health and readiness follow it.
+        self.on_models_changed: Callable[[], Awaitable[None]] | None = None
 
 
 class Servicer(service.GRPCInferenceServiceServicer):
@@ -143,25 +143,47 @@ class Servicer(service.GRPCInferenceServiceServicer):
 
     # --- inference ----------------------------------------------------------------
 
-    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> Any:
+    async def _infer(
+        self,
+        request: pb.ModelInferRequest,
+        deadline: float | None,
+        trace: tracing.RequestTrace | None = None,
+    ) -> Any:
         start = time.monotonic_ns()
-        model = self._repository.get(request.model_name, request.model_version)
-        decoded = _decode(model, request, start)
-        decoded.deadline = deadline
-        outputs = await model.infer(decoded)
-        return encode_response(
-            model.name,
-            model.version,
-            decoded.request_id,
-            outputs,
-            model.output_datatypes,
-            decoded.outputs or model.output_order,
-        )
+        try:
+            model = self._repository.get(request.model_name, request.model_version)
+            decoded = _decode(model, request, start)
+            decoded.deadline = deadline
+            if trace is not None:
+                trace.attach(decoded)
+            outputs = await model.infer(decoded)
+            return encode_response(
+                model.name,
+                model.version,
+                decoded.request_id,
+                outputs,
+                model.output_datatypes,
+                decoded.outputs or model.output_order,
+            )
+        except LockgateError as exc:
+            _log_failure(request, exc.reason, exc.message)
+            raise
+        except asyncio.CancelledError:
+            gone = deadline is not None and time.monotonic() >= deadline
+            _log_failure(
+                request,
+                "DEADLINE_EXCEEDED" if gone else "CANCELLED",
+                "the caller's deadline passed" if gone else "the caller cancelled",
+            )
+            raise
 
     @_status
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> Any:
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
+        if tracing.enabled:
+            metadata = context.invocation_metadata()
+            return await tracing.traced("ModelInfer", self._infer, request, deadline, metadata)
         return await self._infer(request, deadline)
 
     async def ModelStreamInfer(
@@ -170,10 +192,16 @@ class Servicer(service.GRPCInferenceServiceServicer):
         """Requests run concurrently; each answer (or in-band error) as soon as ready."""
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
+        metadata = context.invocation_metadata() if tracing.enabled else None
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                result = await self._infer(request, None)
+                if tracing.enabled:
+                    result = await tracing.traced(
+                        "ModelStreamInfer", self._infer, request, None, metadata
+                    )
+                else:
+                    result = await self._infer(request, None)
                 responses.put_nowait(pb.ModelStreamInferResponse(infer_response=result))
             except LockgateError as exc:
                 responses.put_nowait(
@@ -187,14 +215,20 @@ class Servicer(service.GRPCInferenceServiceServicer):
                     )
                 )
 
+        broken: list[LockgateError] = []
+
         async def read() -> None:
             try:
                 async for request in request_iterator:
+                    if isinstance(request, Unparsable):
+                        raise request.error
                     task = asyncio.create_task(answer(request))
                     running.add(task)
                     task.add_done_callback(running.discard)
                 if running:
                     await asyncio.gather(*running, return_exceptions=True)
+            except LockgateError as exc:  # the stream itself is broken: end it
+                broken.append(exc)
             finally:
                 responses.put_nowait(None)
 
@@ -202,6 +236,8 @@ class Servicer(service.GRPCInferenceServiceServicer):
         try:
             while (response := await responses.get()) is not None:
                 yield response
+            if broken:
+                await _abort(context, broken[0])
         finally:
             reader.cancel()
             for task in list(running):
@@ -233,7 +269,10 @@ class Servicer(service.GRPCInferenceServiceServicer):
                 files[key.removeprefix("file:")] = value.bytes_param
             else:
                 raise InvalidInputError(f"unknown load parameter '{key}'")
-        await self._repository.load(request.model_name, config_json, files or None)
+        try:
+            await self._repository.load(request.model_name, config_json, files or None)
+        finally:
+            await self._models_changed()
         return pb.RepositoryModelLoadResponse()
 
     @_status
@@ -241,8 +280,15 @@ class Servicer(service.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> Any:
         self._check_control("unload")
-        await self._repository.unload(request.model_name)
+        try:
+            await self._repository.unload(request.model_name)
+        finally:
+            await self._models_changed()
         return pb.RepositoryModelUnloadResponse()
+
+    async def _models_changed(self) -> None:
+        if self._state.on_models_changed is not None:
+            await self._state.on_models_changed()
 
     def _check_control(self, action: str) -> None:
         if not self._state.control_enabled:
@@ -293,6 +339,29 @@ class Servicer(service.GRPCInferenceServiceServicer):
         )
 
 
+def _log_failure(request: pb.ModelInferRequest, reason: str, message: str) -> None:
+    """One line per failed inference (never per success: the hot path stays quiet).
+
+    INFO, not WARNING: nearly every failure is the caller's (a bad input, an
+    unknown model, a deadline) and a misbehaving client must not flood the
+    warnings; errors of the server itself are logged at ERROR where they occur.
+    """
+    log.info(
+        "inference request %r to %s failed: %s: %s",
+        request.id,
+        request.model_name,
+        reason,
+        message,
+        extra={
+            "event": "request_failed",
+            "request_id": request.id,
+            "model": request.model_name,
+            "version": request.model_version,
+            "reason": reason,
+        },
+    )
+
+
 def _decode(model: ModelVersion, request: pb.ModelInferRequest, start_ns: int) -> Any:
     """Decode against the model's specs; a bad request counts as a failure."""
     try:
@@ -302,3 +371,76 @@ def _decode(model: ModelVersion, request: pb.ModelInferRequest, start_ns: int) -
         raise
     decoded.arrival_ns = start_ns
     return decoded
+
+
+# --- registration ----------------------------------------------------------------------
+
+
+class Unparsable:
+    """Stands in for a request whose bytes are not the message the RPC takes."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: InvalidInputError) -> None:
+        self.error = error
+
+
+def add_to_server(servicer: Servicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` so that requests that do not parse get INVALID_ARGUMENT.
+
+    grpc answers a request its deserializer rejects with UNKNOWN, the code of
+    a bug of ours; the checked handlers report the caller's mistake instead.
+    """
+    service.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        servicer, _CheckedRegistrar(server)
+    )
+
+
+class _CheckedRegistrar:
+    """Receives the generated code's handlers; registers checked ones."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        del handlers  # the same methods, registered checked below
+
+    def add_registered_method_handlers(
+        self, name: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        checked = {method: _checked(handler) for method, handler in handlers.items()}
+        generic = grpc.method_handlers_generic_handler(name, checked)
+        self._server.add_generic_rpc_handlers((generic,))
+        self._server.add_registered_method_handlers(name, checked)  # type: ignore[attr-defined]
+
+
+def _checked(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    parse = handler.request_deserializer
+    assert parse is not None
+
+    def checked_parse(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Unparsable(InvalidInputError(f"the request does not parse: {exc}"))
+
+    serialize = handler.response_serializer
+    if handler.request_streaming:  # ModelStreamInfer checks what it reads
+        return grpc.stream_stream_rpc_method_handler(
+            handler.stream_stream,  # type: ignore[arg-type]
+            request_deserializer=checked_parse,
+            response_serializer=serialize,
+        )
+    behavior: Any = handler.unary_unary  # a coroutine function: grpc's stubs know no aio
+    assert behavior is not None
+
+    async def unary(request: Any, context: Context) -> Any:
+        if isinstance(request, Unparsable):
+            await _abort(context, request.error)
+        return await behavior(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        unary,  # type: ignore[arg-type]
+        request_deserializer=checked_parse,
+        response_serializer=serialize,
+    )

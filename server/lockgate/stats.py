@@ -91,11 +91,20 @@ class ModelStats:
     last_inference_ms: int = 0
     failures: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     batches: dict[int, BatchDurations] = field(default_factory=lambda: defaultdict(BatchDurations))
-    request_seconds: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
-    queue_seconds: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
-    compute_seconds: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
-    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+    #: Bucket bounds (``--duration-buckets``, ``--batch-size-buckets``); fixed at load.
+    duration_buckets: tuple[float, ...] = DURATION_BUCKETS
+    batch_buckets: tuple[float, ...] = BATCH_BUCKETS
+    request_seconds: Histogram = field(init=False)
+    queue_seconds: Histogram = field(init=False)
+    compute_seconds: Histogram = field(init=False)
+    batch_size: Histogram = field(init=False)
     load_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.request_seconds = Histogram(self.duration_buckets)
+        self.queue_seconds = Histogram(self.duration_buckets)
+        self.compute_seconds = Histogram(self.duration_buckets)
+        self.batch_size = Histogram(self.batch_buckets)
 
     def record_execution(self, rows: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         """One batch ran: an execution of ``rows`` rows."""

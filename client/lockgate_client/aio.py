@@ -1,0 +1,299 @@
+"""The asyncio client: ``AsyncClient`` and its inference ``AsyncStream``.
+
+The twin of :mod:`lockgate_client.client`: same arguments, same results, same
+errors, with ``await``. Requests are built by the same code (``_base``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from lockgate_client import _base
+from lockgate_client._base import BaseClient, Call, ParameterValue
+from lockgate_client._proto import inference_service_pb2_grpc as service
+from lockgate_client.errors import DeadlineExceededError, LockgateError, error_from_rpc
+from lockgate_client.types import (
+    ModelConfig,
+    ModelIndex,
+    ModelMetadata,
+    ModelStatistics,
+    Outputs,
+    ServerMetadata,
+    StreamResponse,
+)
+
+__all__ = ["AsyncClient", "AsyncStream"]
+
+T = TypeVar("T")
+
+
+class AsyncClient(BaseClient):
+    """An asyncio client; arguments and methods as :class:`~lockgate_client.Client`.
+
+    The channel opens on first use inside the running event loop; use the
+    client as ``async with``, or ``await client.close()``. Share one instance
+    between tasks of the same loop.
+    """
+
+    _channel: grpc.aio.Channel | None
+    _stub_instance: Any
+
+    def _open(self) -> None:
+        # grpc.aio channels belong to the loop they are created in: wait for it.
+        self._channel = None
+        self._stub_instance = None
+
+    @property
+    def _stub(self) -> Any:
+        if self._stub_instance is None:
+            self._channel = self._settings.aio_channel()
+            self._stub_instance = service.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        return self._stub_instance
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        if self._channel is not None:
+            await self._channel.close(None)
+            self._channel = None
+            self._stub_instance = None
+
+    async def __aenter__(self) -> AsyncClient:
+        self._stub  # noqa: B018 - open the channel in the caller's loop
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _invoke(self, call: Call[T], timeout: float | None, retries: int | None = None) -> T:
+        schedule = self._schedule(call, timeout, retries)
+        method = getattr(self._stub, call.method)
+        while True:
+            try:
+                reply = await method(
+                    call.request, timeout=schedule.remaining(), metadata=self._call_metadata()
+                )
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+                delay = schedule.next_delay(error)
+                if delay is None:
+                    raise error from None
+                await asyncio.sleep(delay)
+            else:
+                return call.parse(reply)
+
+    # Inference
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        outputs: Sequence[str] | None = None,
+        version: str = "",
+        datatypes: Mapping[str, str] | None = None,
+        request_id: str = "",
+        priority: int | None = None,
+        queue_timeout: float | None = None,
+        parameters: Mapping[str, ParameterValue] | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> Outputs:
+        """Run one inference; see ``Client.infer``."""
+        request = _base.infer_request(
+            model,
+            inputs,
+            outputs=outputs,
+            version=version,
+            datatypes=datatypes,
+            request_id=request_id,
+            priority=priority,
+            queue_timeout=queue_timeout,
+            parameters=parameters,
+        )
+        return await self._invoke(_base.infer_call(request), timeout, retries)
+
+    def stream(self, model: str, *, version: str = "", timeout: float | None = None) -> AsyncStream:
+        """Open a bidirectional inference stream; see ``Client.stream``."""
+        call = self._stub.ModelStreamInfer(timeout=timeout, metadata=self._call_metadata())
+        return AsyncStream(call, model, version)
+
+    # Health
+
+    async def is_live(self, *, timeout: float | None = None) -> bool:
+        """Whether the server is live."""
+        return await self._invoke(_base.server_live(), timeout)
+
+    async def is_ready(
+        self, model: str | None = None, version: str = "", *, timeout: float | None = None
+    ) -> bool:
+        """Whether the server (or, given ``model``, that model) is ready."""
+        if model is None:
+            return await self._invoke(_base.server_ready(), timeout)
+        return await self._invoke(_base.model_ready(model, version), timeout)
+
+    async def wait_ready(self, model: str | None = None, *, timeout: float = 30.0) -> None:
+        """Wait until :meth:`is_ready` is true; see ``Client.wait_ready``."""
+        deadline = time.monotonic() + timeout
+        last: LockgateError | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                detail = f": last error {last}" if last else ""
+                raise DeadlineExceededError(f"not ready after {timeout} s{detail}")
+            try:
+                if await self.is_ready(model, timeout=min(remaining, 5.0)):
+                    return
+            except LockgateError as exc:
+                last = exc
+            await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    # Metadata and statistics
+
+    async def server_metadata(self, *, timeout: float | None = None) -> ServerMetadata:
+        """The server's name, version and protocol extensions."""
+        return await self._invoke(_base.server_metadata(), timeout)
+
+    async def metadata(
+        self, model: str, version: str = "", *, timeout: float | None = None
+    ) -> ModelMetadata:
+        """A model's versions, platform, inputs and outputs."""
+        return await self._invoke(_base.model_metadata(model, version), timeout)
+
+    async def config(
+        self, model: str, version: str = "", *, timeout: float | None = None
+    ) -> ModelConfig:
+        """A model's configuration (Triton's ``ModelConfig`` message)."""
+        return await self._invoke(_base.model_config(model, version), timeout)
+
+    async def statistics(
+        self, model: str = "", version: str = "", *, timeout: float | None = None
+    ) -> list[ModelStatistics]:
+        """Inference statistics, one entry per model version."""
+        return await self._invoke(_base.model_statistics(model, version), timeout)
+
+    # Repository
+
+    async def models(
+        self, *, ready: bool = False, timeout: float | None = None
+    ) -> list[ModelIndex]:
+        """The model repository's index."""
+        return await self._invoke(_base.repository_index(ready), timeout)
+
+    async def load(
+        self,
+        model: str,
+        *,
+        config: str | Mapping[str, Any] | ModelConfig | None = None,
+        files: Mapping[str, bytes] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Load or reload ``model``; see ``Client.load``."""
+        await self._invoke(_base.load_model(model, config, files), timeout)
+
+    async def unload(
+        self, model: str, *, unload_dependents: bool = False, timeout: float | None = None
+    ) -> None:
+        """Unload ``model``."""
+        await self._invoke(_base.unload_model(model, unload_dependents), timeout)
+
+
+class AsyncStream:
+    """An asyncio inference stream; see :class:`~lockgate_client.Stream`.
+
+    ``await send(...)``, then ``async for response in stream`` (or
+    ``await receive()``); ``await close()`` when done sending.
+    """
+
+    def __init__(self, call: Any, model: str, version: str) -> None:
+        self._call = call
+        self._model = model
+        self._version = version
+        self._ids = 0
+        self._closed = False
+
+    async def send(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        outputs: Sequence[str] | None = None,
+        datatypes: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        priority: int | None = None,
+        queue_timeout: float | None = None,
+        parameters: Mapping[str, ParameterValue] | None = None,
+    ) -> str:
+        """Send one request (arguments as for ``Client.infer``); return its id."""
+        if self._closed:
+            raise RuntimeError("send() after close()")
+        if request_id is None:
+            self._ids += 1
+            request_id = str(self._ids)
+        request = _base.infer_request(
+            self._model,
+            inputs,
+            outputs=outputs,
+            version=self._version,
+            datatypes=datatypes,
+            request_id=request_id,
+            priority=priority,
+            queue_timeout=queue_timeout,
+            parameters=parameters,
+        )
+        try:
+            await self._call.write(request)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return request_id
+
+    async def close(self) -> None:
+        """Stop sending; responses to requests already sent still arrive."""
+        if not self._closed:
+            self._closed = True
+            try:
+                await self._call.done_writing()
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc) from None
+
+    def cancel(self) -> None:
+        """Abandon the stream now: pending responses are dropped."""
+        self._closed = True
+        self._call.cancel()
+
+    async def receive(self) -> StreamResponse:
+        """The next response; raises StopAsyncIteration when the stream has ended."""
+        try:
+            message = await self._call.read()
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        if message is grpc.aio.EOF:  # type: ignore[attr-defined]  # (missing from grpc-stubs)
+            raise StopAsyncIteration
+        return _base.stream_response(message)
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> StreamResponse:
+        return await self.receive()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cancel()

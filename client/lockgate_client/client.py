@@ -1,0 +1,343 @@
+"""The blocking client: ``Client`` and its inference ``Stream``."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from lockgate_client import _base
+from lockgate_client._base import BaseClient, Call, ParameterValue
+from lockgate_client._proto import inference_service_pb2_grpc as service
+from lockgate_client.errors import DeadlineExceededError, LockgateError, error_from_rpc
+from lockgate_client.types import (
+    ModelConfig,
+    ModelIndex,
+    ModelMetadata,
+    ModelStatistics,
+    Outputs,
+    ServerMetadata,
+    StreamResponse,
+)
+
+__all__ = ["Client", "Stream"]
+
+T = TypeVar("T")
+
+
+class Client(BaseClient):
+    """A blocking client for Lockgate or any KServe v2 / Triton gRPC server.
+
+    Thread-safe: share one instance; it holds one channel (HTTP/2 connections
+    to every endpoint). Use it as a context manager, or call :meth:`close`.
+
+    Args:
+        url: ``"host:port"``; a gRPC name such as ``"dns:///svc:8001"`` (calls
+            are spread round-robin over every address it resolves to); or a
+            list of ``"ip:port"`` endpoints to spread calls over.
+        timeout: default deadline of each call, in seconds (None: no deadline).
+            Retries happen within it.
+        retries: a :class:`RetryPolicy`; or an int ``n`` to retry every call,
+            ``infer`` included, up to ``n`` times on ``UNAVAILABLE``. By default
+            idempotent calls (health, metadata, config, statistics, index) are
+            retried 3 times and ``infer`` is not.
+        tls: False for plaintext; True for TLS with the system's roots; or
+            the PEM root certificate(s) to trust, as bytes or a file path.
+        client_cert: PEM client certificate chain for mTLS (bytes or path).
+        client_key: PEM private key of ``client_cert`` (bytes or path).
+        server_name: the name to check the server certificate against, when it
+            differs from the host in ``url``.
+        token: sent as ``authorization: Bearer <token>`` on every call.
+        compression: ``"gzip"`` or ``"deflate"`` to compress requests.
+        keepalive: seconds between HTTP/2 pings while calls are open (None: off).
+        metadata: extra gRPC metadata (headers) sent on every call.
+    """
+
+    def _open(self) -> None:
+        self._channel = self._settings.sync_channel()
+        self._stub = service.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _invoke(self, call: Call[T], timeout: float | None, retries: int | None = None) -> T:
+        schedule = self._schedule(call, timeout, retries)
+        method = getattr(self._stub, call.method)
+        while True:
+            try:
+                reply = method(
+                    call.request, timeout=schedule.remaining(), metadata=self._call_metadata()
+                )
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+                delay = schedule.next_delay(error)
+                if delay is None:
+                    raise error from None
+                time.sleep(delay)
+            else:
+                return call.parse(reply)
+
+    # Inference
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        outputs: Sequence[str] | None = None,
+        version: str = "",
+        datatypes: Mapping[str, str] | None = None,
+        request_id: str = "",
+        priority: int | None = None,
+        queue_timeout: float | None = None,
+        parameters: Mapping[str, ParameterValue] | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> Outputs:
+        """Run one inference and return its outputs as ``{name: numpy array}``.
+
+        Args:
+            model: the model's name.
+            inputs: input name -> array (or anything ``numpy.asarray`` takes).
+                The datatype follows the dtype: ``str``/``bytes``/``object``
+                arrays are ``BYTES``, ``ml_dtypes.bfloat16`` is ``BF16``.
+            outputs: names of the outputs to return (default: all).
+            version: the model version ("" lets the server choose).
+            datatypes: input name -> KServe datatype overriding the dtype's,
+                e.g. ``{"X": "BF16"}`` or ``{"X": "INT32"}`` for a list of ints.
+            request_id: the request's ``id``, echoed by the server.
+            priority: scheduling priority (1 is the highest; 0 the model's default).
+            queue_timeout: seconds the request may wait in the server's queue
+                (the protocol's ``timeout`` parameter).
+            parameters: extra request parameters.
+            timeout: this call's deadline in seconds (default: the client's).
+            retries: retries on ``UNAVAILABLE`` for this call (default: the
+                client's policy, which retries ``infer`` only when enabled).
+
+        Returns:
+            ``BYTES`` outputs are ``object`` arrays of ``bytes``; ``BF16`` ones
+            are ``float32``; others are read-only views of the reply's bytes.
+
+        Raises:
+            LockgateError: the subclass matching the failure's status code.
+            TypeError: an input cannot be sent as the requested datatype.
+        """
+        request = _base.infer_request(
+            model,
+            inputs,
+            outputs=outputs,
+            version=version,
+            datatypes=datatypes,
+            request_id=request_id,
+            priority=priority,
+            queue_timeout=queue_timeout,
+            parameters=parameters,
+        )
+        return self._invoke(_base.infer_call(request), timeout, retries)
+
+    def stream(self, model: str, *, version: str = "", timeout: float | None = None) -> Stream:
+        """Open a bidirectional inference stream to ``model``.
+
+        ``timeout`` bounds the whole stream's life (default: none; the client's
+        default deadline does not apply to streams).
+        """
+        return Stream(self._stub, model, version, timeout, self._call_metadata())
+
+    # Health
+
+    def is_live(self, *, timeout: float | None = None) -> bool:
+        """Whether the server is live (its process is up and answering)."""
+        return self._invoke(_base.server_live(), timeout)
+
+    def is_ready(
+        self, model: str | None = None, version: str = "", *, timeout: float | None = None
+    ) -> bool:
+        """Whether the server (or, given ``model``, that model) is ready for inference."""
+        if model is None:
+            return self._invoke(_base.server_ready(), timeout)
+        return self._invoke(_base.model_ready(model, version), timeout)
+
+    def wait_ready(self, model: str | None = None, *, timeout: float = 30.0) -> None:
+        """Block until :meth:`is_ready` is true; raise DeadlineExceededError after ``timeout``.
+
+        Connection failures while waiting count as "not ready yet".
+        """
+        deadline = time.monotonic() + timeout
+        last: LockgateError | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                detail = f": last error {last}" if last else ""
+                raise DeadlineExceededError(f"not ready after {timeout} s{detail}")
+            try:
+                if self.is_ready(model, timeout=min(remaining, 5.0)):
+                    return
+            except LockgateError as exc:
+                last = exc
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    # Metadata and statistics
+
+    def server_metadata(self, *, timeout: float | None = None) -> ServerMetadata:
+        """The server's name, version and protocol extensions."""
+        return self._invoke(_base.server_metadata(), timeout)
+
+    def metadata(
+        self, model: str, version: str = "", *, timeout: float | None = None
+    ) -> ModelMetadata:
+        """A model's versions, platform, and input/output names, datatypes and shapes."""
+        return self._invoke(_base.model_metadata(model, version), timeout)
+
+    def config(self, model: str, version: str = "", *, timeout: float | None = None) -> ModelConfig:
+        """A model's configuration (Triton's ``ModelConfig`` message)."""
+        return self._invoke(_base.model_config(model, version), timeout)
+
+    def statistics(
+        self, model: str = "", version: str = "", *, timeout: float | None = None
+    ) -> list[ModelStatistics]:
+        """Inference statistics, one entry per model version ("" model: every model)."""
+        return self._invoke(_base.model_statistics(model, version), timeout)
+
+    # Repository
+
+    def models(self, *, ready: bool = False, timeout: float | None = None) -> list[ModelIndex]:
+        """The model repository's index: each model version with its state and reason."""
+        return self._invoke(_base.repository_index(ready), timeout)
+
+    def load(
+        self,
+        model: str,
+        *,
+        config: str | Mapping[str, Any] | ModelConfig | None = None,
+        files: Mapping[str, bytes] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Load or reload ``model`` (the server must allow explicit model control).
+
+        ``config`` (JSON text, a dict, or a ModelConfig) overrides the stored
+        configuration; ``files`` maps paths in the model directory (such as
+        ``"1/model.onnx"``) to their content.
+        """
+        self._invoke(_base.load_model(model, config, files), timeout)
+
+    def unload(
+        self, model: str, *, unload_dependents: bool = False, timeout: float | None = None
+    ) -> None:
+        """Unload ``model``; requests in flight finish first."""
+        self._invoke(_base.unload_model(model, unload_dependents), timeout)
+
+
+class Stream:
+    """A bidirectional inference stream (``ModelStreamInfer``) to one model.
+
+    :meth:`send` queues a request and returns its id; iterating yields a
+    :class:`StreamResponse` per request, in the order the server answers. A
+    failed request yields a response whose ``error`` is set; the stream stays
+    open. Iteration ends once :meth:`close` was called and every answer has
+    arrived; it raises a ``LockgateError`` if the stream itself fails.
+    """
+
+    def __init__(
+        self,
+        stub: Any,
+        model: str,
+        version: str,
+        timeout: float | None,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> None:
+        self._model = model
+        self._version = version
+        self._ids = 0
+        # gRPC pulls requests from this iterator on its own thread; None ends it.
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
+        self._call = stub.ModelStreamInfer(
+            iter(self._requests.get, None), timeout=timeout, metadata=metadata
+        )
+
+    def send(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        outputs: Sequence[str] | None = None,
+        datatypes: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        priority: int | None = None,
+        queue_timeout: float | None = None,
+        parameters: Mapping[str, ParameterValue] | None = None,
+    ) -> str:
+        """Queue one request (arguments as for ``Client.infer``); return its id.
+
+        Without ``request_id`` the stream numbers requests "1", "2", ...
+        """
+        if self._closed:
+            raise RuntimeError("send() after close()")
+        if request_id is None:
+            self._ids += 1
+            request_id = str(self._ids)
+        request = _base.infer_request(
+            self._model,
+            inputs,
+            outputs=outputs,
+            version=self._version,
+            datatypes=datatypes,
+            request_id=request_id,
+            priority=priority,
+            queue_timeout=queue_timeout,
+            parameters=parameters,
+        )
+        self._requests.put(request)
+        return request_id
+
+    def close(self) -> None:
+        """Stop sending; responses to requests already sent still arrive."""
+        if not self._closed:
+            self._closed = True
+            self._requests.put(None)
+
+    def cancel(self) -> None:
+        """Abandon the stream now: pending responses are dropped."""
+        self.close()
+        self._call.cancel()
+
+    def receive(self) -> StreamResponse:
+        """The next response; raises StopIteration when the stream has ended."""
+        return next(self)
+
+    def __iter__(self) -> Iterator[StreamResponse]:
+        return self
+
+    def __next__(self) -> StreamResponse:
+        try:
+            message = next(self._call)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return _base.stream_response(message)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Nobody will read what is still in flight: free the server's work.
+        self.cancel()

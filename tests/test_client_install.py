@@ -1,0 +1,64 @@
+"""``pip install ./client`` into a fresh virtualenv, as a user would.
+
+The SDK must stand alone: it installs from the package registry with only
+grpcio, protobuf and numpy, and never pulls in the server's heavy
+dependencies (ONNX Runtime above all).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str | Path, cwd: Path | None = None) -> str:
+    # The test run's PYTHONPATH (client/, server/) must not leak into the venv.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    result = subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=env, timeout=240
+    )
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def test_client_installs_alone(tmp_path: Path) -> None:
+    # Build from a copy, so the build leaves nothing in the checkout and
+    # concurrent runs do not share build directories.
+    source = tmp_path / "client"
+    shutil.copytree(
+        ROOT / "client",
+        source,
+        ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "dist"),
+    )
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", venv)
+    python = venv / "bin" / "python"
+    run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", source)
+
+    # Run outside the checkout so the installed package, not the source, is imported.
+    code = (
+        "import lockgate_client, numpy\n"
+        "from lockgate_client import Client, AsyncClient, LockgateError\n"
+        "from lockgate_client._proto import grpc_service_pb2\n"
+        "print(lockgate_client.__version__, lockgate_client.__file__)\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = run(python, "-c", code, cwd=elsewhere)
+    version, location = out.split()
+    assert version == "0.1.0"
+    assert str(venv) in location
+
+    installed = run(python, "-m", "pip", "list", "--format=freeze").lower()
+    names = {line.split("==")[0] for line in installed.splitlines()}
+    assert "lockgate-client" in names
+    assert {"grpcio", "protobuf", "numpy"} <= names
+    assert not any(name.startswith("onnxruntime") for name in names), names
+    assert "lockgate" not in names
+    # The type information ships with it.
+    assert (Path(location).parent / "py.typed").is_file()
