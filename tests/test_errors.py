@@ -430,7 +430,7 @@ METHODS = ["ModelInfer", "ModelMetadata", "ModelConfig", "ModelReady", "Reposito
 @pytest.mark.parametrize("payload", UNPARSABLE, ids=["bad-utf8", "corrupt"])
 def test_unparsable_request(server: ServerProcess, stub: Stub, method: str, payload: bytes) -> None:
     with grpc.insecure_channel(server.url) as channel:
-        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}", None, None)
         error = expect_error(lambda: call(payload, timeout=30), INVALID, ["does not parse"])
     assert "Error parsing message" in (error.details() or "")
     assert_serving(stub)
@@ -440,7 +440,7 @@ def test_unparsable_stream_message(server: ServerProcess, stub: Stub) -> None:
     """Good messages before a broken one are answered; then the stream fails."""
     good = simple_request().SerializeToString()
     with grpc.insecure_channel(server.url) as channel:
-        call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer", None, None)
         responses = call(iter([good, UNPARSABLE[0]]), timeout=30)
         answers: list[pb.ModelStreamInferResponse] = []
         with pytest.raises(grpc.RpcError) as info:
@@ -502,7 +502,7 @@ def test_fuzzed_requests_never_crash(stub: Stub, request: pb.ModelInferRequest) 
 @given(payload=st.binary(max_size=64))
 def test_fuzzed_bytes_never_crash(server: ServerProcess, payload: bytes) -> None:
     with grpc.insecure_channel(server.url) as channel:
-        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", None, None)
         try:
             call(payload, timeout=30)
         except grpc.RpcError as error:

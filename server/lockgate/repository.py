@@ -157,6 +157,13 @@ class ModelRepository:
     def index(self, ready_only: bool = False) -> list[tuple[str, str, str, str]]:
         """(name, version, state, reason) rows, as RepositoryIndex reports them."""
         rows: list[tuple[str, str, str, str]] = []
+        if not ready_only:
+            # Like Triton, list models on disk that were never loaded (explicit mode).
+            try:
+                on_disk = self.discover()
+            except LockgateError:
+                on_disk = {}
+            rows += [(n, "", UNAVAILABLE, "not loaded") for n in on_disk if n not in self._entries]
         for name, entry in sorted(self._entries.items()):
             if not entry.versions:
                 if not ready_only:
@@ -166,7 +173,7 @@ class ModelRepository:
                 if ready_only and state.state != READY:
                     continue
                 rows.append((name, str(version), state.state, state.reason))
-        return rows
+        return sorted(rows)
 
     def names(self) -> list[str]:
         return sorted(self._entries)

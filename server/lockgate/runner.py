@@ -125,7 +125,10 @@ def session_options(config: mc.ModelConfig, placement: Placement) -> ort.Session
     spin = str(_int_parameter(config, "allow_spinning", 0))
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
-    options.log_severity_level = 3
+    # Fatal only: ONNX Runtime logs every failed run, and a client sending
+    # bad data must not be able to flood the server's log. Failures reach
+    # the caller (and our own log) as ExecutionError.
+    options.log_severity_level = 4
     return options
 
 
