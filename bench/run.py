@@ -37,6 +37,7 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf import text_format
+
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import model_config_pb2 as mc
 
@@ -278,7 +279,7 @@ def load_main(port: int, payload_file: str, concurrency: int, duration: float) -
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
-    index = min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))
+    index = min(len(values) - 1, round(q / 100 * (len(values) - 1)))
     return values[index]
 
 
@@ -384,16 +385,22 @@ def ratios(rows: list[Row], ceilings: dict[str, dict[int, float]]) -> list[dict[
     return out
 
 
-def print_report(rows: list[Row], ceilings: dict[str, dict[int, float]], ratio_rows: list[dict[str, Any]]) -> None:
+def print_report(
+    rows: list[Row], ceilings: dict[str, dict[int, float]], ratio_rows: list[dict[str, Any]]
+) -> None:
     print("\nIn-process ONNX Runtime (rows/s):")
     for model, by_batch in ceilings.items():
         cells = ", ".join(f"batch {b}: {v:,.0f}" for b, v in sorted(by_batch.items()))
         print(f"  {model:<18} {cells}")
-    print(f"\n{'target':<9} {'model':<24} {'conc':>4} {'infer/s':>10} {'p50 ms':>8} "
-          f"{'p99 ms':>8} {'batch':>6} {'errors':>6}")
+    print(
+        f"\n{'target':<9} {'model':<24} {'conc':>4} {'infer/s':>10} {'p50 ms':>8} "
+        f"{'p99 ms':>8} {'batch':>6} {'errors':>6}"
+    )
     for r in rows:
-        print(f"{r.target:<9} {r.model:<24} {r.concurrency:>4} {r.throughput:>10,.0f} "
-              f"{r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.mean_batch:>6.1f} {r.errors:>6}")
+        print(
+            f"{r.target:<9} {r.model:<24} {r.concurrency:>4} {r.throughput:>10,.0f} "
+            f"{r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.mean_batch:>6.1f} {r.errors:>6}"
+        )
     print("\nRatios (same run):")
     for entry in ratio_rows:
         parts = [f"{k}={v:.2f}" for k, v in entry.items() if isinstance(v, float)]
@@ -401,8 +408,12 @@ def print_report(rows: list[Row], ceilings: dict[str, dict[int, float]], ratio_r
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repository", type=Path, default=None, help="(ignored: the bench builds its own)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--repository", type=Path, default=None, help="(ignored: the bench builds its own)"
+    )
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs")
     parser.add_argument("--models", default="simple,mlp,image_classifier")
@@ -429,8 +440,17 @@ def main() -> int:
     try:
         for concurrency in MODELS["simple"]["concurrency"]:
             result = run_load(echo_port, "simple", concurrency, duration)
-            rows.append(Row("echo", "simple", concurrency, result["throughput"],
-                            result["p50_ms"], result["p99_ms"], result["errors"]))
+            rows.append(
+                Row(
+                    "echo",
+                    "simple",
+                    concurrency,
+                    result["throughput"],
+                    result["p50_ms"],
+                    result["p99_ms"],
+                    result["errors"],
+                )
+            )
             print(f"echo c={concurrency}: {result['throughput']:,.0f}/s", file=sys.stderr)
     finally:
         stop(echo)
@@ -445,8 +465,11 @@ def main() -> int:
                 for variant in (model, model + "_nobatch"):
                     row = measure_lockgate(port, variant, concurrency, duration)
                     rows.append(row)
-                    print(f"lockgate {variant} c={concurrency}: {row.throughput:,.0f}/s "
-                          f"batch {row.mean_batch:.1f}", file=sys.stderr)
+                    print(
+                        f"lockgate {variant} c={concurrency}: {row.throughput:,.0f}/s "
+                        f"batch {row.mean_batch:.1f}",
+                        file=sys.stderr,
+                    )
     finally:
         stop(server)
 
@@ -455,20 +478,31 @@ def main() -> int:
         batches = {1} | {
             max(1, round(r.mean_batch)) for r in rows if r.model == model and r.target == "lockgate"
         }
-        ceilings[model] = {b: in_process(repository, model, b, min(duration, 2.0)) for b in sorted(batches)}
+        ceilings[model] = {
+            b: in_process(repository, model, b, min(duration, 2.0)) for b in sorted(batches)
+        }
     ratio_rows = ratios(rows, ceilings)
     print_report(rows, ceilings, ratio_rows)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = args.out / f"bench-{stamp}.json"
-    path.write_text(json.dumps({
-        "when": stamp,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
-        "duration": duration,
-        "rows": [asdict(r) for r in rows],
-        "in_process": ceilings,
-        "ratios": ratio_rows,
-    }, indent=2))
+    path.write_text(
+        json.dumps(
+            {
+                "when": stamp,
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "python": sys.version.split()[0],
+                },
+                "duration": duration,
+                "rows": [asdict(r) for r in rows],
+                "in_process": ceilings,
+                "ratios": ratio_rows,
+            },
+            indent=2,
+        )
+    )
     print(f"\nsaved {path}")
     return 0
 

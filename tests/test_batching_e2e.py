@@ -34,6 +34,7 @@ from models.build import (
     CONFIG_FILE,
     DYNAMIC_BATCHING,
     build_gather_fail,
+    build_identity,
     build_simple,
     build_slow,
 )
@@ -62,6 +63,8 @@ def _rebatch(model_dir: Path, block: str) -> None:
 
 def build_models(repo: Path) -> None:
     build_simple(repo)
+    build_identity(repo, "ragged", "TYPE_FP32", max_batch_size=8, dims=(-1,))
+    build_slow(repo, "unbatched", iterations=1, instance_count=2, dynamic_batching=None)
     _rebatch(build_gather_fail(repo), batching("preferred_batch_size: [ 4 ]", MINUTE_DELAY))
     # iterations=1: these tests are about the queue, not about slow batches.
     quick: dict[str, str] = {
@@ -234,6 +237,65 @@ def test_concurrent_clients_each_get_exactly_their_rows(batching_server: ServerP
     assert executed_rows(stats) == total_rows
     assert stats.execution_count < stats.inference_count
     assert max(executions(stats)) <= 8
+    # Every success has its queue and compute times; every batch its own.
+    timings = stats.inference_stats
+    for duration in (timings.queue, timings.compute_input, timings.compute_infer):
+        assert duration.count == tasks * per_task
+    for batch in stats.batch_stats:
+        assert (
+            batch.compute_input.count
+            == batch.compute_output.count
+            == executions(stats)[batch.batch_size]
+        )
+
+
+def test_requests_of_different_shapes_never_mix(batching_server: ServerProcess) -> None:
+    """``ragged`` takes [rows, any width]; only equal widths may share a batch."""
+    model = "ragged"
+
+    async def client_task(client: triton_aio.InferenceServerClient, task: int) -> int:
+        rows_sent = 0
+        for i in range(15):
+            rows, width = 1 + (task + i) % 3, (3, 5, 7)[(task * 7 + i) % 3]
+            value = np.arange(rows * width, dtype=np.float32).reshape(rows, width)
+            value += 1000 * (task * 15 + i)
+            tensor = triton_aio.InferInput("INPUT0", [rows, width], "FP32")
+            tensor.set_data_from_numpy(value)
+            result = await client.infer(model, [tensor])
+            assert np.array_equal(result.as_numpy("OUTPUT0"), value)
+            rows_sent += rows
+        return rows_sent
+
+    async def main() -> int:
+        client = triton_aio.InferenceServerClient(batching_server.url)
+        try:
+            return sum(await asyncio.gather(*(client_task(client, t) for t in range(8))))
+        finally:
+            await client.close()
+
+    total_rows = asyncio.run(main())
+    stats = statistics(batching_server, model)
+    assert stats.inference_stats.fail.count == 0
+    assert stats.inference_count == executed_rows(stats) == total_rows
+
+
+def test_without_dynamic_batching_every_request_runs_alone(batching_server: ServerProcess) -> None:
+    model = "unbatched"
+
+    async def main() -> None:
+        client = triton_aio.InferenceServerClient(batching_server.url)
+        try:
+            results = await asyncio.gather(
+                *(client.infer(model, slow_input(tag, rows=2)) for tag in range(6))
+            )
+        finally:
+            await client.close()
+        for tag, result in enumerate(results):
+            assert np.array_equal(result.as_numpy("OUTPUT0"), rows_of(tag, 2))
+
+    asyncio.run(main())
+    # Two rows each could have shared batches of 8; without a batcher none did.
+    assert executions(statistics(batching_server, model)) == {2: 6}
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -298,6 +360,7 @@ def test_a_full_queue_is_refused_at_once(batching_server: ServerProcess) -> None
         client = triton_aio.InferenceServerClient(batching_server.url)
         try:
             first = asyncio.ensure_future(client.infer(model, slow_input(1)))
+            await wait_pending(batching_server, model, 1)
             second = asyncio.ensure_future(client.infer(model, slow_input(2)))
             await wait_pending(batching_server, model, 2)
             with triton.InferenceServerClient(batching_server.url) as sync_client:
@@ -305,7 +368,7 @@ def test_a_full_queue_is_refused_at_once(batching_server: ServerProcess) -> None
                 with pytest.raises(InferenceServerException) as caught:
                     sync_client.infer(model, slow_input(3), client_timeout=PATIENCE_S)
                 assert status_of(caught.value) == "StatusCode.RESOURCE_EXHAUSTED"
-            # A caller that leaves frees its place.
+            # A caller that leaves frees its place, even behind the queue's head.
             second.cancel()
             await wait_pending(batching_server, model, 1)
             last = await client.infer(model, slow_input(4, rows=7))

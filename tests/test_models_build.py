@@ -17,7 +17,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lockgate_client._proto import model_config_pb2  # noqa: E402
-
 from models.build import (  # noqa: E402
     CONFIG_FILE,
     MODEL_FILE,

@@ -123,6 +123,12 @@ def deserialize_bytes(buffer: bytes | memoryview, count: int) -> npt.NDArray[np.
     number of elements, or has bytes left over.
     """
     view = memoryview(buffer)
+    if count < 0 or count * 4 > len(view):
+        # Checked before allocating: a huge count must not cost memory.
+        raise BytesFormatError(
+            f"BYTES content of {len(view)} bytes cannot hold {count} elements "
+            "(each needs a 4-byte length prefix)"
+        )
     out = np.empty(count, dtype=np.object_)
     offset = 0
     end = len(view)

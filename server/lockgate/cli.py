@@ -12,6 +12,7 @@ from typing import Any
 from lockgate import __version__
 from lockgate.config import (
     DEFAULT_GRPC_PORT,
+    DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_METRICS_PORT,
     MAX_MESSAGE_BYTES,
     ServerConfig,
@@ -96,7 +97,28 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         help="serve Prometheus metrics on --metrics-port at /metrics",
     )
     net.add_argument(
-        "--max-message-bytes", type=int, default=_env("max-message-bytes", MAX_MESSAGE_BYTES)
+        "--max-message-bytes",
+        type=int,
+        default=_env("max-message-bytes", DEFAULT_MAX_MESSAGE_BYTES),
+        help=f"largest request or response message (gRPC's ceiling: {MAX_MESSAGE_BYTES})",
+    )
+    net.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        default=_env("max-concurrent-streams", ServerConfig.max_concurrent_streams),
+        help="concurrent RPCs one client connection may have open",
+    )
+    net.add_argument(
+        "--max-tensor-elements",
+        type=int,
+        default=_env("max-tensor-elements", ServerConfig.max_tensor_elements),
+        help="most elements one input tensor may declare",
+    )
+    net.add_argument(
+        "--max-bytes-element",
+        type=int,
+        default=_env("max-bytes-element", ServerConfig.max_bytes_element),
+        help="longest BYTES element (in bytes) an input may hold",
     )
     net.add_argument(
         "--grpc-max-connection-age",
@@ -157,17 +179,16 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     obs.add_argument(
         "--duration-buckets",
         type=_buckets,
-        default=_env("duration-buckets", None),
+        default=_env("duration-buckets", _join(DURATION_BUCKETS)),
         metavar="S,S,...",
-        help="bounds in seconds of the request/queue/compute duration histograms "
-        "(default 0.0001 ... 10)",
+        help="bounds in seconds of the request/queue/compute duration histograms",
     )
     obs.add_argument(
         "--batch-size-buckets",
         type=_buckets,
-        default=_env("batch-size-buckets", None),
+        default=_env("batch-size-buckets", _join(BATCH_BUCKETS)),
         metavar="N,N,...",
-        help="bounds in rows of the batch size histogram (default 1,2,4,...,256)",
+        help="bounds in rows of the batch size histogram",
     )
     serve.set_defaults(func=run_serve)
 
@@ -193,16 +214,23 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         grpc_max_connection_age=_float_or_none(args.grpc_max_connection_age),
         grpc_keepalive_time=_float_or_none(args.grpc_keepalive_time),
         max_message_bytes=int(args.max_message_bytes),
+        max_concurrent_streams=int(args.max_concurrent_streams),
+        max_tensor_elements=int(args.max_tensor_elements),
+        max_bytes_element=int(args.max_bytes_element),
         log_format=args.log_format,
         log_level=args.log_level,
         trace=bool(args.trace),
-        duration_buckets=args.duration_buckets or DURATION_BUCKETS,
-        batch_size_buckets=args.batch_size_buckets or BATCH_BUCKETS,
+        duration_buckets=tuple(args.duration_buckets),
+        batch_size_buckets=tuple(args.batch_size_buckets),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_token_file=args.auth_token_file,
     )
+
+
+def _join(bounds: tuple[float, ...]) -> str:
+    return ",".join(f"{b:g}" for b in bounds)
 
 
 def _buckets(text: str) -> tuple[float, ...]:
@@ -219,6 +247,7 @@ def _float_or_none(value: Any) -> float | None:
 def run_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     configure_logging(config.log_level, config.log_format)
+    from lockgate.security import SecurityConfigError
     from lockgate.server import LockgateServer
 
     async def main() -> None:
@@ -233,7 +262,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(main())
-    except OSError as exc:
+    except (OSError, SecurityConfigError) as exc:
         log.error("%s", exc)
         return 1
     return 0

@@ -103,7 +103,7 @@ def decode_request(
                 )
             array = _from_raw(raw[index], tensor.name, spec.datatype, shape, limits)
         else:
-            array = _from_contents(tensor, spec.datatype, shape)
+            array = _from_contents(tensor, spec.datatype, shape, limits)
         if batched:
             input_rows = shape[0]
             if arrays and input_rows != rows:
@@ -181,6 +181,13 @@ def _from_raw(
 ) -> Array:
     count = math.prod(shape)
     if datatype == "BYTES":
+        # Each element needs at least its 4-byte length: refuse a shape the
+        # payload cannot fill before allocating anything for it.
+        if count * 4 > len(data):
+            raise InvalidInputError(
+                f"input '{name}' has {len(data)} bytes of raw content, too few for "
+                f"{count} BYTES elements (shape {list(shape)}; each needs a 4-byte length)"
+            )
         try:
             items = deserialize_bytes(data, count)
         except BytesFormatError as exc:
@@ -197,7 +204,10 @@ def _from_raw(
 
 
 def _from_contents(
-    tensor: pb.ModelInferRequest.InferInputTensor, datatype: str, shape: tuple[int, ...]
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    datatype: str,
+    shape: tuple[int, ...],
+    limits: Limits,
 ) -> Array:
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
@@ -215,7 +225,7 @@ def _from_contents(
     if datatype == "BYTES":
         items = np.empty(count, dtype=np.object_)
         items[:] = list(values)
-        return _bytes_to_text(items, tensor.name, None).reshape(shape)
+        return _bytes_to_text(items, tensor.name, limits).reshape(shape)
     dtype = WIRE_DTYPES[datatype]
     if datatype in _INT_RANGES and count:
         low, high = _INT_RANGES[datatype]

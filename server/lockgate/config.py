@@ -30,6 +30,8 @@ DEFAULT_GRPC_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
 #: gRPC's own ceiling for one message (2 GiB - 1).
 MAX_MESSAGE_BYTES = 2**31 - 1
+#: Default ceiling: room for large batches, yet bounded memory per request.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
@@ -53,7 +55,7 @@ class ServerConfig:
     drain_seconds: float = 30.0
     grpc_max_connection_age: float | None = None
     grpc_keepalive_time: float | None = None
-    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     log_format: Literal["text", "json"] = "text"
     log_level: str = "info"
     trace: bool = False
@@ -78,7 +80,7 @@ def parse_model_config(text: str, source: str) -> mc.ModelConfig:
     config = mc.ModelConfig()
     try:
         text_format.Parse(text, config)
-    except text_format.ParseError as exc:
+    except (text_format.ParseError, ValueError) as exc:  # ValueError: an enum number out of range
         raise ModelLoadError(f"{source}: {exc}") from None
     return config
 
@@ -269,9 +271,7 @@ def validate_config(config: mc.ModelConfig) -> None:
             f"model '{name}': default_priority_level must be in 1..priority_levels"
         )
     for tensor in list(config.input) + list(config.output):
-        if tensor.data_type not in (mc.TYPE_INVALID,) and (
-            mc.DataType.Name(tensor.data_type) not in CONFIG_TO_WIRE
-        ):
+        if not _wire_type(tensor.data_type, invalid_ok=True):
             raise ModelLoadError(f"model '{name}': tensor '{tensor.name}' has no datatype")
         if any(d < -1 or d == 0 for d in tensor.dims):
             raise ModelLoadError(
@@ -287,6 +287,22 @@ def validate_config(config: mc.ModelConfig) -> None:
     for group in config.instance_group:
         if group.count < 0:
             raise ModelLoadError(f"model '{name}': instance_group count must be >= 1")
+    for sample in config.model_warmup:
+        for input_name, warmup in sample.inputs.items():
+            if not _wire_type(warmup.data_type, invalid_ok=False) or any(
+                d <= 0 for d in warmup.dims
+            ):
+                raise ModelLoadError(
+                    f"model '{name}': warmup '{sample.name}' input '{input_name}' needs a "
+                    "datatype and positive dims"
+                )
+
+
+def _wire_type(data_type: int, invalid_ok: bool) -> bool:
+    """A datatype the protocol carries; text format also takes enum numbers with no name."""
+    if data_type == mc.TYPE_INVALID:
+        return invalid_ok
+    return data_type in mc.DataType.values() and mc.DataType.Name(data_type) in CONFIG_TO_WIRE
 
 
 def env_default(flag: str, default: str | None = None) -> str | None:

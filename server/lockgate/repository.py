@@ -71,10 +71,15 @@ class ModelSource:
         if self.single_file is not None:
             return {1: self.single_file}
         filename = config.default_model_filename or DEFAULT_MODEL_FILENAME
+        if PurePosixPath(filename).name != filename or filename in (".", "..") or "\\" in filename:
+            # A file name, not a path: a model reads only its own directory.
+            raise ModelLoadError(
+                f"model '{self.name}': default_model_filename {filename!r} must be a file name"
+            )
         found = {
             int(entry.name): entry / filename
             for entry in self.directory.iterdir()
-            if entry.is_dir() and entry.name.isdigit() and (entry / filename).exists()
+            if entry.is_dir() and _is_number(entry.name) and (entry / filename).exists()
         }
         return select_versions(found, config.version_policy)
 
@@ -126,7 +131,7 @@ class ModelRepository:
             raise ModelNotFoundError(f"unknown model '{name}'")
         if not version:
             raise ModelUnavailableError(f"model '{name}' has no ready version{_why(entry)}")
-        if not version.isdigit():
+        if not _is_number(version):
             raise InvalidInputError(f"model version '{version}' is not a version number")
         state = entry.versions.get(int(version))
         if state is None:
@@ -252,8 +257,20 @@ class ModelRepository:
                     target.versions = {}
                 log.error("model %s failed to load: %s", name, exc.message)
                 if scratch is not None:
-                    shutil.rmtree(scratch, ignore_errors=True)
+                    remove_scratch(scratch)
                 raise
+            failed = [s.reason for s in loaded.values() if s.state != READY]
+            serving = any(s.state == READY for s in old.values())
+            if serving and failed and len(failed) == len(loaded):
+                # A reload that loads nothing (a corrupted file...) must not take
+                # down the versions that serve now: they stay, as in Triton.
+                target.reason = failed[0]
+                if scratch is not None:
+                    remove_scratch(scratch)
+                raise ModelLoadError(
+                    f"model '{name}' failed to reload: {failed[0]}; "
+                    "the version(s) loaded before keep serving"
+                )
             old_scratch = target.scratch if target.scratch is not scratch else None
             target.source = source
             target.scratch = scratch
@@ -265,7 +282,7 @@ class ModelRepository:
             ]
             await self._retire(retired)
             if old_scratch is not None:
-                shutil.rmtree(old_scratch, ignore_errors=True)
+                remove_scratch(old_scratch)
             failed = [s.reason for s in loaded.values() if s.state != READY]
             if loaded and len(failed) == len(loaded):
                 raise ModelLoadError(f"model '{name}' failed to load: {failed[0]}")
@@ -314,7 +331,7 @@ class ModelRepository:
                 state.reason = "unloaded"
                 state.model = None
             if entry.scratch is not None:
-                shutil.rmtree(entry.scratch, ignore_errors=True)
+                remove_scratch(entry.scratch)
                 entry.scratch = None
             entry.unloaded = True
             log.info("unloaded model %s", name)
@@ -343,12 +360,22 @@ class ModelRepository:
             model.close()
         for entry in self._entries.values():
             if entry.scratch is not None:
-                shutil.rmtree(entry.scratch, ignore_errors=True)
+                remove_scratch(entry.scratch)
+
+
+def _is_number(text: str) -> bool:
+    # str.isdigit() alone accepts '²', which int() refuses.
+    return text.isascii() and text.isdigit()
 
 
 def _why(entry: ModelEntry) -> str:
     reasons = entry.reason or next((s.reason for s in entry.versions.values() if s.reason), "")
     return f": {reasons}" if reasons else ""
+
+
+def remove_scratch(model_dir: Path) -> None:
+    """Delete a directory made by ``write_model_files``, with its private parent."""
+    shutil.rmtree(model_dir.parent, ignore_errors=True)
 
 
 def write_model_files(name: str, files: dict[str, bytes]) -> Path:
@@ -357,15 +384,18 @@ def write_model_files(name: str, files: dict[str, bytes]) -> Path:
     Paths are relative to the model directory; absolute paths, ``..`` and
     anything that resolves outside it are refused before anything is written.
     """
-    if not name or "/" in name or name in (".", ".."):
-        raise InvalidInputError(f"invalid model name '{name}'")
+    if not name or any(c in name for c in "/\\\0") or name in (".", ".."):
+        raise InvalidInputError(f"invalid model name {name!r}")
     total = sum(len(b) for b in files.values())
     if total > MAX_LOAD_FILE_BYTES:
-        raise InvalidInputError(f"model files total {total} bytes, over the limit")
+        raise InvalidInputError(
+            f"model files total {total} bytes, over the limit of {MAX_LOAD_FILE_BYTES}"
+        )
     root = Path(tempfile.mkdtemp(prefix="lockgate-load-"))
     model_dir = root / name
-    model_dir.mkdir()
+    relative = ""
     try:
+        model_dir.mkdir()
         for relative, content in files.items():
             target = _safe_path(model_dir, relative)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -373,6 +403,11 @@ def write_model_files(name: str, files: dict[str, bytes]) -> Path:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(content)
+    except OSError as exc:  # a path that is both a file and a directory, too long...
+        shutil.rmtree(root, ignore_errors=True)
+        raise InvalidInputError(
+            f"cannot write model file {relative!r}: {exc.strerror or exc}"
+        ) from None
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
@@ -381,7 +416,13 @@ def write_model_files(name: str, files: dict[str, bytes]) -> Path:
 
 def _safe_path(model_dir: Path, relative: str) -> Path:
     pure = PurePosixPath(relative)
-    if not relative or pure.is_absolute() or ".." in pure.parts or "\\" in relative:
+    if (
+        not pure.parts
+        or pure.is_absolute()
+        or ".." in pure.parts
+        or "\\" in relative
+        or "\0" in relative
+    ):
         raise InvalidInputError(
             f"file path '{relative}' must be relative to the model directory, without '..'"
         )

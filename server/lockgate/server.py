@@ -1,9 +1,10 @@
 """Assembles the gRPC server and runs its lifecycle: start, serve, drain, stop.
 
 Start: bind, report NOT_SERVING, load models, then SERVING. On SIGTERM or
-SIGINT: NOT_SERVING and ServerReady=false at once, refuse new RPCs, finish
-every accepted and queued request, exit 0 within ``--drain-seconds``; a
-second signal exits at once.
+SIGINT: NOT_SERVING and ServerReady=false at once, refuse new inference
+(UNAVAILABLE) while health checks are still answered, finish every accepted
+and queued request, then stop listening and exit 0 within ``--drain-seconds``;
+a second signal exits at once (status 1).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ log = logging.getLogger("lockgate.server")
 #: liveness probes, which must not depend on model state.
 LIVENESS_SERVICE = "liveness"
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
+#: After the drain, how long a batch already running may take to finish.
+RUNNING_BATCH_GRACE_S = 5.0
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
@@ -73,10 +76,9 @@ class LockgateServer:
         """Bind, load models, and report ready."""
         self._stopping = asyncio.Event()
         tracing.setup(self.config)
-        from lockgate.security import TokenAuthInterceptor, load_tokens
+        from lockgate.security import auth_interceptors
 
-        tokens = load_tokens(self.config.auth_token_file)
-        interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
+        interceptors = auth_interceptors(self.config)
         server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
         add_to_server(Servicer(self.repository, self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -178,15 +180,33 @@ class LockgateServer:
         # Liveness stays SERVING: a draining server is healthy, just leaving.
         await self.update_health()
         started = time.monotonic()
+        # Keep listening while accepted and queued requests finish, so probes
+        # read NOT_SERVING (liveness SERVING) instead of a refused connection;
+        # meanwhile the servicer refuses new inference with UNAVAILABLE.
+        try:
+            await asyncio.wait_for(self.repository.drain(), self.config.drain_seconds)
+        except TimeoutError:
+            log.warning("drain time is up: cancelling the requests still queued or running")
         if self._server is not None:
-            # New RPCs are refused at once; accepted ones (queued ones included)
-            # get the rest of the drain time to complete.
-            await self._server.stop(grace=self.config.drain_seconds)
+            # Stops listening (GOAWAY); replies being written get what is left.
+            left = self.config.drain_seconds - (time.monotonic() - started)
+            await self._server.stop(grace=max(0.0, left))
         self.repository.close()
+        # A running batch cannot be interrupted, and exiting under it makes ONNX
+        # Runtime abort the process (SIGABRT): let it finish, within bounds.
+        try:
+            await asyncio.wait_for(self.repository.drain(), RUNNING_BATCH_GRACE_S)
+            stuck = False
+        except TimeoutError:
+            stuck = True
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         tracing.shutdown()  # flushes the spans still buffered
         log.info("drained and stopped in %.2f s", time.monotonic() - started)
+        if stuck:
+            log.warning("a batch is still running: exiting without waiting for it")
+            logging.shutdown()
+            os._exit(0)
 
     async def abort(self) -> None:
         """Tear down after a failed start."""

@@ -22,6 +22,7 @@ from lockgate.codec import decode_request, encode_response
 from lockgate.errors import (
     InvalidInputError,
     LockgateError,
+    ModelUnavailableError,
     NotAllowedError,
     UnsupportedError,
 )
@@ -42,6 +43,11 @@ EXTENSIONS = [
 ]
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+#: gRPC keeps deadlines in whole milliseconds and was measured cancelling a
+#: call up to 1.1 ms before the deadline time_remaining() implies; without
+#: this slack such a call would be counted CANCELLED, not DEADLINE_EXCEEDED.
+DEADLINE_SLACK_S = 0.005
 
 
 Unary = Callable[["Servicer", Any, Context], Awaitable[Any]]
@@ -149,6 +155,10 @@ class Servicer(service.GRPCInferenceServiceServicer):
         deadline: float | None,
         trace: tracing.RequestTrace | None = None,
     ) -> Any:
+        if self._state.draining:
+            # Shutting down: finish what was accepted, take nothing new (not logged:
+            # clients that keep sending would flood the log during the drain).
+            raise ModelUnavailableError("the server is shutting down; retry on another replica")
         start = time.monotonic_ns()
         try:
             model = self._repository.get(request.model_name, request.model_version)
@@ -180,7 +190,9 @@ class Servicer(service.GRPCInferenceServiceServicer):
     @_status
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> Any:
         remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        deadline = (
+            time.monotonic() + remaining - DEADLINE_SLACK_S if remaining is not None else None
+        )
         if tracing.enabled:
             metadata = context.invocation_metadata()
             return await tracing.traced("ModelInfer", self._infer, request, deadline, metadata)
