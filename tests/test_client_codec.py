@@ -357,5 +357,10 @@ def test_channel_settings() -> None:
     assert options["grpc.max_receive_message_length"] == 2**31 - 1
     assert options["grpc.max_send_message_length"] == 2**31 - 1
     assert "round_robin" in str(options["grpc.service_config"])
+    # One server: no health checking, so is_ready() can still say False.
+    assert "healthCheckConfig" not in str(options["grpc.service_config"])
+    for replicated in (build_target(["127.0.0.1:1", "127.0.0.1:2"]), "dns:///lockgate:8001"):
+        config = dict(ChannelSettings(target=replicated).options())["grpc.service_config"]
+        assert '"healthCheckConfig": {"serviceName": ""}' in str(config)
     assert not settings_.secure
     assert ChannelSettings(target="x:1", client_cert=b"c").secure

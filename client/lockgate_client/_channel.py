@@ -23,7 +23,16 @@ MAX_MESSAGE_BYTES: Final = 2**31 - 1
 # round_robin spreads calls over every address the name resolves to (all
 # replicas behind a headless Service, or every endpoint given); gRPC's
 # default, pick_first, would send everything to the first one.
+# healthCheckConfig (gRFC A17) has gRPC watch each replica's grpc.health.v1
+# status and leave a replica out of the rotation the moment it reports
+# NOT_SERVING, i.e. when it starts to drain: calls stop going to a replica that
+# would only refuse them. A server without the health service counts as healthy.
+# Only where there is a choice of replicas: with one server, is_ready() must
+# still reach it and say False rather than fail.
 _SERVICE_CONFIG: Final = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+_SERVICE_CONFIG_CHECKED: Final = json.dumps(
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
+)
 
 _COMPRESSION: Final = {"gzip": grpc.Compression.Gzip, "deflate": grpc.Compression.Deflate}
 
@@ -91,12 +100,22 @@ class ChannelSettings:
     keepalive: float | None = 60.0
     metadata: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def replicated(self) -> bool:
+        """Whether the target may name several replicas (a list or a DNS name)."""
+        return self.target.startswith(("ipv4:", "ipv6:", "dns:")) and (
+            "," in self.target or self.target.startswith("dns:")
+        )
+
     def options(self) -> list[tuple[str, int | str]]:
         """Channel arguments: message sizes, load balancing, keepalive, reconnects."""
         options: list[tuple[str, int | str]] = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.service_config", _SERVICE_CONFIG),
+            (
+                "grpc.service_config",
+                _SERVICE_CONFIG_CHECKED if self.replicated else _SERVICE_CONFIG,
+            ),
             # Reconnect soon after a replica comes back: the default backoff
             # grows to 120 s, during which calls fail fast without trying.
             ("grpc.initial_reconnect_backoff_ms", 100),
