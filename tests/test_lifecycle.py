@@ -1,4 +1,4 @@
-"""Server lifecycle: drain on SIGTERM, replicas, hot reload, readiness, connection age.
+"""Server lifecycle: drain on SIGTERM, replicas, hot reload, unload, readiness, connection age.
 
 Every test runs private servers (subprocesses, as a user starts them) over a
 repository built into its own ``tmp_path``. Nothing is asserted on timing but
@@ -8,7 +8,9 @@ fail only after ``PATIENCE_S``.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -48,6 +50,8 @@ WIDTH = 256
 SLOW_100MS = 360
 #: Concurrent clients in the drain tests, each with one request queued.
 CLIENTS = 16
+#: What unloading a model version logs (model, version), one line per version.
+UNLOAD_LINE = r"unloaded model {} version {}: requests in flight drained in \d+\.\d\d s"
 
 Outcome = BaseException | None  # None: succeeded with the right output
 
@@ -227,7 +231,35 @@ def test_drain_time_bounds_the_exit(start_server: StartServer, tmp_path: Path) -
     assert code == 0, srv.log()
     # What the requests cut short get is not specified; they must not hang.
     clients.join()
-    assert "drain time is up" in srv.log()
+    log = srv.log()
+    assert "drain time is up" in log
+    # Logged (and counted) as the server's doing: no caller cancelled anything.
+    cut = "failed: UNAVAILABLE: the server's drain time ran out before the request completed"
+    assert cut in log, log
+    assert "the caller cancelled" not in log, log
+
+
+def test_sigterm_while_models_load_stops_cleanly(start_server: StartServer, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    # 1000 warmup runs of about 100 ms: loading would take minutes.
+    build_slow(repo, iterations=SLOW_100MS, dynamic_batching=None, config_extra=warmup(WIDTH, 1000))
+    srv = start_server(repo, "--drain-seconds", "30", wait=False)
+    # The port opens before models load: live, not ready.
+    wait_for(lambda: _probe(srv.url, "liveness") == SERVING, "the server to listen")
+    assert health(srv.url) == NOT_SERVING
+    time.sleep(1.0)  # well into the warmup
+    srv.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    # Kubernetes scaling a pod down during its startup: a clean exit, without
+    # finishing the load first (the default handler's exit status would be -15).
+    assert exit_code(srv, 15) == 0
+    assert time.monotonic() - signalled < 15
+    log = srv.log()
+    assert "SIGTERM during startup" in log
+    assert "loading model 'slow' was abandoned: the server is stopping" in log
+    assert "stopped during startup" in log
+    assert "loaded model slow" not in log
+    assert "failed to load" not in log  # stopping is not a load failure
 
 
 # --- 2. scale-out: three replicas, one drained ------------------------------------------
@@ -392,6 +424,66 @@ def test_removed_model_drains_then_is_unavailable(
         np.testing.assert_array_equal(out["OUTPUT0"], 2 * a)
         index = {(m.name, m.version): m for m in client.models()}
     assert index["slow", "1"].state == "UNAVAILABLE"
+    unloads = [line for line in srv.log().splitlines() if "unloaded model" in line]
+    assert len(unloads) == 1, unloads
+    assert re.search(UNLOAD_LINE.format("slow", 1) + "$", unloads[0]), unloads
+
+
+def test_drain_stops_polling_the_repository(start_server: StartServer, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    # About 300 ms a request: the 16 queued ones take about 5 s to drain.
+    build_slow(repo, iterations=SLOW_100MS * 3, dynamic_batching=None)
+    staging = tmp_path / "staging"
+    build_simple(staging)
+    srv = poll_server(start_server, repo)
+    clients = QueuedClients(srv)
+    clients.wait_accepted()
+    srv.signal(signal.SIGTERM)
+    wait_for(lambda: health(srv.url) == NOT_SERVING, "the drain to start")
+    os.rename(staging / "simple", repo / "simple")
+    time.sleep(1.5)  # three poll intervals
+    assert len(clients.outcomes) < CLIENTS, "the queue drained before the polls: make it longer"
+    assert clients.join() == [None] * CLIENTS
+    assert exit_code(srv, PATIENCE_S) == 0
+    log = srv.log()
+    assert "drained and stopped" in log
+    # A draining server neither noticed the new model nor loaded it.
+    assert "model simple new or changed" not in log, log
+    assert "loaded model simple" not in log, log
+
+
+def test_unload_logs_one_line_per_version(start_server: StartServer, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    build_slow(repo, iterations=SLOW_100MS, dynamic_batching=None)
+    config = build_versions(repo) / "config.pbtxt"
+    config.write_text(config.read_text() + "\nversion_policy: { all { } }\n")
+    srv = start_server(
+        repo, "--model-control-mode", "explicit", "--load-model", "*", "--log-format", "json"
+    )
+    clients = QueuedClients(srv, count=8)
+    clients.wait_accepted()
+    with Client(srv.url, timeout=PATIENCE_S) as client:
+        started = time.monotonic()
+        client.unload("slow")
+        unload_s = time.monotonic() - started
+        client.unload("versioned")
+    # The unload waited for the queue: every accepted request completed.
+    assert clients.join() == [None] * 8
+    events = [json.loads(line) for line in srv.log().splitlines() if line.startswith("{")]
+    unloads = [e for e in events if e["message"].startswith("unloaded model")]
+    # Exactly one line per version, each with the model, version and drain time.
+    assert sorted((e.get("event"), e.get("model"), e.get("version")) for e in unloads) == [
+        ("model_unloaded", "slow", "1"),
+        ("model_unloaded", "versioned", "1"),
+        ("model_unloaded", "versioned", "2"),
+        ("model_unloaded", "versioned", "3"),
+    ], unloads
+    for event in unloads:
+        line = UNLOAD_LINE.format(event["model"], event["version"])
+        assert re.fullmatch(line, event["message"]), event
+    (slow,) = (e for e in unloads if e["model"] == "slow")
+    # It drained the requests still queued, within the RPC that asked for it.
+    assert 0 < slow["drain_seconds"] <= unload_s, (slow, unload_s)
 
 
 # --- 4. readiness and warmup --------------------------------------------------------------

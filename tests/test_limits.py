@@ -13,6 +13,7 @@ import json
 import queue
 import struct
 import tempfile
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -424,7 +425,11 @@ def test_uploaded_model_lives_in_its_own_directory(
         pb.RepositoryModelUnloadRequest(model_name="uploaded"),
         pb.RepositoryModelUnloadResponse,
     )
-    assert not list(scratch.glob("lockgate-load-*"))  # removed with the model
+    # Removed with the model; the unload drains first, so allow it a moment.
+    deadline = time.monotonic() + 10
+    while list(scratch.glob("lockgate-load-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not list(scratch.glob("lockgate-load-*"))
 
 
 # --- RepositoryModelLoad files: unit -----------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,14 @@ class TensorSpec:
     #: Shape without the batch dimension; -1 is variable.
     dims: tuple[int, ...]
     optional: bool = False
+    #: No variable dimension: a request's shape is checked by one comparison.
+    fixed: bool = dataclass_field(init=False, default=False)
+    #: Elements in one row (the product of ``dims``).
+    row_elements: int = dataclass_field(init=False, default=1)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fixed", all(d >= 0 for d in self.dims))
+        object.__setattr__(self, "row_elements", math.prod(self.dims))
 
     @property
     def dtype(self) -> np.dtype[Any]:
@@ -66,14 +75,16 @@ def decode_request(
     limits: Limits,
 ) -> InferRequest:
     """Validate ``request`` against the model and build an ``InferRequest``."""
-    for tensor in request.inputs:
+    # upb builds a new Python object on every field access: read each once.
+    tensors = request.inputs
+    for tensor in tensors:
         if tensor.parameters:
             _check_tensor_parameters(tensor.name, "input", tensor.parameters)
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    if raw and len(raw) != len(tensors):
         raise InvalidInputError(
             f"raw_input_contents has {len(raw)} entries but the request has "
-            f"{len(request.inputs)} inputs; send one entry per input, in order"
+            f"{len(tensors)} inputs; send one entry per input, in order"
         )
     batched = limits.max_batch_size > 0
     arrays: dict[str, Array] = {}
@@ -81,41 +92,52 @@ def decode_request(
     # Names as well as shapes: requests that list inputs in another order, or
     # leave out different optional inputs, must never be merged as equals.
     shape_key: list[tuple[str, tuple[int, ...]]] = []
-    for index, tensor in enumerate(request.inputs):
-        spec = inputs.get(tensor.name)
+    for index, tensor in enumerate(tensors):
+        name = tensor.name
+        spec = inputs.get(name)
         if spec is None:
             raise InvalidInputError(
-                f"unexpected input '{tensor.name}': the model's inputs are {sorted(inputs)}"
+                f"unexpected input '{name}': the model's inputs are {sorted(inputs)}"
             )
-        if tensor.name in arrays:
-            raise InvalidInputError(f"input '{tensor.name}' is given more than once")
-        shape = _check_shape(tensor, spec, limits)
-        if tensor.datatype != spec.datatype:
+        if name in arrays:
+            raise InvalidInputError(f"input '{name}' is given more than once")
+        shape = tuple(tensor.shape)
+        # Fast path for the common case, a fixed-shape input with its batch
+        # dimension in range; anything else takes the full check and its message.
+        if not (
+            batched
+            and spec.fixed
+            and shape[1:] == spec.dims
+            and 1 <= shape[0] <= limits.max_batch_size
+            and shape[0] * spec.row_elements <= limits.max_elements
+        ):
+            shape = _check_shape(tensor, spec, limits)
+        datatype = tensor.datatype
+        if datatype != spec.datatype:
             raise InvalidInputError(
-                f"input '{tensor.name}' has datatype {tensor.datatype or '(empty)'}, "
-                f"expected {spec.datatype}"
+                f"input '{name}' has datatype {datatype or '(empty)'}, expected {spec.datatype}"
             )
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInputError(
-                    f"input '{tensor.name}' has typed contents while the request uses "
+                    f"input '{name}' has typed contents while the request uses "
                     "raw_input_contents; use one or the other"
                 )
-            array = _from_raw(raw[index], tensor.name, spec.datatype, shape, limits)
+            array = _from_raw(raw[index], name, datatype, shape, limits)
         else:
-            array = _from_contents(tensor, spec.datatype, shape, limits)
+            array = _from_contents(tensor, datatype, shape, limits)
         if batched:
             input_rows = shape[0]
             if arrays and input_rows != rows:
                 raise InvalidInputError(
-                    f"input '{tensor.name}' has batch size {input_rows} but an earlier "
+                    f"input '{name}' has batch size {input_rows} but an earlier "
                     f"input has {rows}; all inputs must agree"
                 )
             rows = input_rows
-            shape_key.append((tensor.name, shape[1:]))
+            shape_key.append((name, shape[1:]))
         else:
-            shape_key.append((tensor.name, shape))
-        arrays[tensor.name] = array
+            shape_key.append((name, shape))
+        arrays[name] = array
     if len(arrays) != len(inputs):
         missing = [n for n, s in inputs.items() if n not in arrays and not s.optional]
         if missing:

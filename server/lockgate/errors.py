@@ -43,6 +43,10 @@ class ModelUnavailableError(LockgateError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class LoadAbandonedError(ModelUnavailableError):
+    """A model load given up because the server is stopping."""
+
+
 class QueueFullError(LockgateError):
     """The model's queue is at ``max_queue_size``: rejected at once."""
 

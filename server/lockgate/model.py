@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import numpy as np
 from lockgate.batcher import Outputs, Scheduler
 from lockgate.codec import Limits, TensorSpec
 from lockgate.config import ServerConfig, complete_config, validate_config
-from lockgate.errors import LockgateError, ModelLoadError
+from lockgate.errors import LoadAbandonedError, LockgateError, ModelLoadError
 from lockgate.request import InferRequest
 from lockgate.runner import Runner, plan_instances
 from lockgate.stats import ModelStats
@@ -36,6 +37,41 @@ def _specs(tensors: list[mc.ModelInput] | list[mc.ModelOutput]) -> dict[str, Ten
     }
 
 
+class ServerStop:
+    """How far the server's stop has got, as the models need to know it.
+
+    One instance per server, shared by the repository and every model version.
+    """
+
+    def __init__(self) -> None:
+        #: Set at the first SIGTERM/SIGINT: loads in progress give up at their next
+        #: step and no new one starts. An Event: load threads read it.
+        self.loads_abandoned = threading.Event()
+        #: The drain deadline passed: from now on requests are cancelled by the
+        #: server stopping under them, not by their callers.
+        self.drain_expired = False
+
+    def check_loading(self, name: str) -> None:
+        """Raise LoadAbandonedError if the server is stopping (load threads call this)."""
+        if self.loads_abandoned.is_set():
+            raise LoadAbandonedError(
+                f"loading model '{name}' was abandoned: the server is stopping"
+            )
+
+    def cancellation(self, deadline: float | None) -> tuple[str, str]:
+        """Why a request was cancelled: its failure reason and log message.
+
+        The reason is what the failure statistics and metrics count, so a pod
+        cut short by its drain time shows as the server's doing (UNAVAILABLE),
+        not as impatient clients.
+        """
+        if deadline is not None and time.monotonic() >= deadline:
+            return "DEADLINE_EXCEEDED", "the caller's deadline passed"
+        if self.drain_expired:
+            return "UNAVAILABLE", "the server's drain time ran out before the request completed"
+        return "CANCELLED", "the caller cancelled"
+
+
 @dataclass
 class ModelVersion:
     """One version of one model, loaded and ready to serve."""
@@ -52,6 +88,7 @@ class ModelVersion:
     output_order: list[str]
     limits: Limits
     output_datatypes: dict[str, str]
+    stop: ServerStop = field(default_factory=ServerStop)
 
     @classmethod
     def load(
@@ -62,9 +99,16 @@ class ModelVersion:
         config: mc.ModelConfig,
         server: ServerConfig,
         has_config_file: bool,
+        stop: ServerStop | None = None,
     ) -> ModelVersion:
-        """Create the sessions, complete and check the config. Blocking: call in a thread."""
+        """Create the sessions, complete and check the config. Blocking: call in a thread.
+
+        Raises LoadAbandonedError between two steps (sessions, warmup runs) once
+        ``stop`` says the server is stopping: a session being created cannot be
+        interrupted, but a long warmup or many instances need not hold up the exit.
+        """
         started = time.monotonic()
+        stop = stop or ServerStop()
         config = _copy(config)
         if not path.is_file():
             raise ModelLoadError(f"model '{name}' version {version}: {path} does not exist")
@@ -84,7 +128,10 @@ class ModelVersion:
         _check_batch_dims(config, first)
         # Instance planning may change once max_batch_size is known; re-plan.
         placements = plan_instances(config)
-        runners = [first] + [Runner(path, config, p) for p in placements[1:]]
+        runners = [first]
+        for placement in placements[1:]:
+            stop.check_loading(name)
+            runners.append(Runner(path, config, placement))
         stats = ModelStats(
             name=config.name,
             version=str(version),
@@ -110,8 +157,13 @@ class ModelVersion:
                 max_bytes_element=server.max_bytes_element,
             ),
             output_datatypes={n: s.datatype for n, s in outputs.items()},
+            stop=stop,
         )
-        model.warmup()
+        try:
+            model.warmup()
+        except BaseException:
+            model.close()  # its instance threads would otherwise outlive it
+            raise
         stats.load_seconds = time.monotonic() - started
         log.info(
             "loaded model %s version %s: %d instance(s) on %s, max_batch_size %d%s in %.2f s",
@@ -145,6 +197,7 @@ class ModelVersion:
                 feeds[name] = value
             for runner in self.runners:
                 for _ in range(count):
+                    self.stop.check_loading(self.name)
                     try:
                         runner.run(feeds)
                     except LockgateError as exc:
@@ -158,11 +211,7 @@ class ModelVersion:
             future = self.scheduler.submit(request)
             outputs = await future
         except asyncio.CancelledError:
-            reason = (
-                "DEADLINE_EXCEEDED"
-                if request.deadline is not None and time.monotonic() >= request.deadline
-                else "CANCELLED"
-            )
+            reason, _ = self.stop.cancellation(request.deadline)
             self.stats.record_failure(reason, time.monotonic_ns() - request.arrival_ns)
             raise
         except LockgateError as exc:

@@ -3,17 +3,19 @@
 Every ``--repository-poll-secs`` the repository is rescanned. A new model is
 loaded; a changed one (any file's size or mtime) is reloaded, its new
 versions serving before the old ones drain, so no request fails; a removed
-model is drained and unloaded.
+model is drained and unloaded. Polling stops when the server starts to drain:
+a draining server loads and unloads nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from lockgate.errors import LockgateError
+from lockgate.errors import LoadAbandonedError, LockgateError
 
 if TYPE_CHECKING:
     from lockgate.server import LockgateServer
@@ -43,14 +45,28 @@ class RepositoryPoller:
         self._repository = server.repository
         self._seen: dict[str, Fingerprint] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+        #: A load or unload is under way: stop() lets it end rather than cancel it.
+        self._acting = False
         for name, source in self._repository.discover().items():
             self._seen[name] = fingerprint(source.single_file or source.directory)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
+    def stop(self) -> None:
+        """Poll no more; a load or unload under way ends, and nothing starts after it.
+
+        Cancelling an unload halfway would leave its model neither serving nor
+        closed; a load under way gives up by itself at its next step, since the
+        server's stop abandons loads (ServerStop.loads_abandoned).
+        """
+        self._stopped = True
+        if self._task is not None and not self._acting:
+            self._task.cancel()
+
     async def _run(self) -> None:
-        while True:
+        while not self._stopped:
             await asyncio.sleep(self._server.config.repository_poll_secs)
             try:
                 await self.poll_once()
@@ -64,17 +80,26 @@ class RepositoryPoller:
             for name, s in sources.items()
         }
         for name in sorted(set(self._seen) - set(current)):
+            if self._stopped:
+                return
             log.info("model %s removed from the repository: unloading", name)
             await self._attempt(self._repository.unload(name))
         for name, print_ in sorted(current.items()):
+            if self._stopped:
+                return
             if self._seen.get(name) != print_:
                 log.info("model %s new or changed: loading", name)
                 await self._attempt(self._repository.load(name, sources=sources))
         self._seen = current
         await self._server.update_health()
 
-    async def _attempt(self, action: asyncio.Future[None] | object) -> None:
+    async def _attempt(self, action: Coroutine[Any, Any, None]) -> None:
+        self._acting = True
         try:
-            await action  # type: ignore[misc]
+            await action
+        except LoadAbandonedError:
+            pass  # the server is stopping: not a failure to report
         except LockgateError as exc:
             log.error("%s", exc.message)
+        finally:
+            self._acting = False

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -26,12 +27,13 @@ from lockgate.config import (
 )
 from lockgate.errors import (
     InvalidInputError,
+    LoadAbandonedError,
     LockgateError,
     ModelLoadError,
     ModelNotFoundError,
     ModelUnavailableError,
 )
-from lockgate.model import ModelVersion
+from lockgate.model import ModelVersion, ServerStop
 from lockgate_client._proto import model_config_pb2 as mc
 
 log = logging.getLogger("lockgate.repository")
@@ -117,6 +119,11 @@ class ModelRepository:
         #: name -> highest ready version, for requests that name no version.
         self._default: dict[str, ModelVersion] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: The server's stop, as every model version loaded from here sees it.
+        self.stop = ServerStop()
+        #: Versions no longer routed to whose queued requests are still finishing.
+        #: (By id: ModelVersion is a dataclass, compared by value, so not hashable.)
+        self._retiring: dict[int, ModelVersion] = {}
 
     # --- lookup (hot path) ----------------------------------------------------
 
@@ -230,6 +237,8 @@ class ModelRepository:
     ) -> None:
         """Load (or reload) ``name``; new versions serve before old ones drain."""
         async with self._locks.setdefault(name, asyncio.Lock()):
+            # Before any state changes: a load refused here leaves no trace.
+            self.stop.check_loading(name)
             scratch = None
             if files:
                 if config_json is None:
@@ -255,7 +264,10 @@ class ModelRepository:
                 target.reason = exc.message
                 if not old:
                     target.versions = {}
-                log.error("model %s failed to load: %s", name, exc.message)
+                if isinstance(exc, LoadAbandonedError):
+                    log.info("%s", exc.message)  # the operator's doing, not a fault
+                else:
+                    log.error("model %s failed to load: %s", name, exc.message)
                 if scratch is not None:
                     remove_scratch(scratch)
                 raise
@@ -305,8 +317,17 @@ class ModelRepository:
         states: dict[int, VersionState] = {}
         for version, path in sorted(paths.items()):
             try:
-                model = ModelVersion.load(source.name, version, path, config, self.config, has_file)
+                self.stop.check_loading(source.name)
+                model = ModelVersion.load(
+                    source.name, version, path, config, self.config, has_file, self.stop
+                )
                 states[version] = VersionState(READY, model=model)
+            except LoadAbandonedError:
+                # Versions loaded already would serve nothing: free their instances.
+                for state in states.values():
+                    if state.model is not None:
+                        state.model.close()
+                raise
             except LockgateError as exc:
                 log.error("model %s version %d failed to load: %s", source.name, version, exc)
                 states[version] = VersionState(UNAVAILABLE, reason=exc.message)
@@ -325,6 +346,12 @@ class ModelRepository:
             for state in entry.versions.values():
                 state.state = UNLOADING
             self._default.pop(name, None)
+            if not models:
+                log.info(
+                    "unloaded model %s: no version was loaded",
+                    name,
+                    extra={"event": "model_unloaded", "model": name, "version": ""},
+                )
             await self._retire(models)
             for state in entry.versions.values():
                 state.state = UNAVAILABLE
@@ -334,12 +361,32 @@ class ModelRepository:
                 remove_scratch(entry.scratch)
                 entry.scratch = None
             entry.unloaded = True
-            log.info("unloaded model %s", name)
 
     async def _retire(self, models: list[ModelVersion]) -> None:
-        for model in models:
+        """Drain, close and log each version, all at once: they stopped taking requests together."""
+        await asyncio.gather(*(self._retire_one(model) for model in models))
+
+    async def _retire_one(self, model: ModelVersion) -> None:
+        started = time.monotonic()
+        self._retiring[id(model)] = model
+        try:
             await model.drain()
-            model.close()
+        finally:
+            del self._retiring[id(model)]
+        model.close()
+        drained = time.monotonic() - started
+        log.info(
+            "unloaded model %s version %s: requests in flight drained in %.2f s",
+            model.name,
+            model.version,
+            drained,
+            extra={
+                "event": "model_unloaded",
+                "model": model.name,
+                "version": model.version,
+                "drain_seconds": round(drained, 3),
+            },
+        )
 
     def _refresh_default(self, name: str) -> None:
         entry = self._entries[name]
@@ -353,7 +400,9 @@ class ModelRepository:
 
     async def drain(self) -> None:
         """Wait until every model's queue and instances are idle."""
-        await asyncio.gather(*(m.drain() for m in self.ready_models()))
+        # Versions being unloaded too: the process must not exit under their batches.
+        models = self.ready_models() + list(self._retiring.values())
+        await asyncio.gather(*(m.drain() for m in models))
 
     def close(self) -> None:
         for model in self.ready_models():

@@ -1,10 +1,12 @@
 """Assembles the gRPC server and runs its lifecycle: start, serve, drain, stop.
 
 Start: bind, report NOT_SERVING, load models, then SERVING. On SIGTERM or
-SIGINT: NOT_SERVING and ServerReady=false at once, refuse new inference
-(UNAVAILABLE) while health checks are still answered, finish every accepted
-and queued request, then stop listening and exit 0 within ``--drain-seconds``;
-a second signal exits at once (status 1).
+SIGINT: NOT_SERVING and ServerReady=false at once, stop polling the
+repository, refuse new inference (UNAVAILABLE) while health checks are still
+answered, finish every accepted and queued request, then stop listening and
+exit 0 within ``--drain-seconds``; a second signal exits at once (status 1).
+A signal while models are still loading abandons the loads (each at its next
+step: a session being created cannot be interrupted) and stops the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from lockgate import tracing
 from lockgate.config import ServerConfig
 from lockgate.errors import LockgateError
+from lockgate.poller import RepositoryPoller
 from lockgate.repository import ModelRepository
 from lockgate.servicer import ServerState, Servicer, add_to_server
 
@@ -70,11 +73,25 @@ class LockgateServer:
         self.grpc_port = 0
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Event | None = None
+        #: time.monotonic() of the first signal (or request_stop): the drain time counts from it.
+        self._signalled_at: float | None = None
+        #: Startup loading is over and readiness was published.
+        self._started = False
+        self._poller: RepositoryPoller | None = None
         self._metrics_server: Any = None
 
     async def start(self) -> None:
-        """Bind, load models, and report ready."""
+        """Bind, load models, and report ready.
+
+        A signal during startup ends it early, with the server not ready;
+        ``serve`` then stops it at once.
+        """
         self._stopping = asyncio.Event()
+        # Before anything slow: a pod scaled down while it loads gets SIGTERM
+        # now, and the default handler would kill it mid-load (status -15).
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
         tracing.setup(self.config)
         from lockgate.security import auth_interceptors
 
@@ -98,6 +115,13 @@ class LockgateServer:
 
             self._metrics_server = start_metrics_server(self.config, self.repository)
         await self._load_models()
+        if self._stopping.is_set():
+            return
+        if self.config.model_control_mode == "poll":
+            self._poller = RepositoryPoller(self)
+            self._poller.start()
+        # Before the await: a signal from now on finds a started server to drain.
+        self._started = True
         await self.update_health()
 
     def _bind(self, server: grpc.aio.Server, address: str) -> int:
@@ -122,25 +146,46 @@ class LockgateServer:
         del inference_service_pb2
 
     async def _load_models(self) -> None:
+        """Load the startup models, unless a signal comes first."""
+        assert self._stopping is not None
         started = time.monotonic()
         mode = self.config.model_control_mode
         names = None if mode != "explicit" else self.config.load_models
         if names == ["*"]:
             names = None
+        loading = asyncio.ensure_future(self.repository.load_all(names))
+        signalled = asyncio.ensure_future(self._stopping.wait())
         try:
-            await self.repository.load_all(names)
+            await asyncio.wait({loading, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            signalled.cancel()
+        if not loading.done():
+            # The signal abandoned the loads; wait for them to give up. Loads run
+            # in threads, which cannot be cancelled, and exiting under ONNX Runtime
+            # aborts the process: let them stop, within the drain time.
+            assert self._signalled_at is not None
+            left = self.config.drain_seconds - (time.monotonic() - self._signalled_at)
+            try:
+                await asyncio.wait_for(asyncio.shield(loading), max(0.0, left))
+            except TimeoutError:
+                log.warning("a model is still loading: exiting without waiting for it")
+                logging.shutdown()
+                os._exit(0)
+            except LockgateError:
+                pass  # collected below
+        try:
+            loading.result()
         except LockgateError as exc:
-            # Reported per model in the index; the others keep serving.
-            log.warning("not every model loaded: %s", exc.message)
+            if not self._stopping.is_set():
+                # Reported per model in the index; the others keep serving.
+                log.warning("not every model loaded: %s", exc.message)
+        if self._stopping.is_set():
+            return  # the drain's last line says what was loaded
         log.info(
             "%d model version(s) ready in %.2f s",
             len(self.repository.ready_models()),
             time.monotonic() - started,
         )
-        if mode == "poll":
-            from lockgate.poller import RepositoryPoller
-
-            RepositoryPoller(self).start()
 
     async def update_health(self) -> None:
         """Publish readiness: server-wide and per model (service = model name)."""
@@ -159,33 +204,54 @@ class LockgateServer:
 
     async def serve(self) -> None:
         """Run until a signal asks us to drain; then drain and stop."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
         assert self._stopping is not None
         await self._stopping.wait()
         await self.drain()
 
     def _on_signal(self, sig: int) -> None:
         assert self._stopping is not None
+        name = signal.Signals(sig).name
         if self._stopping.is_set():
-            log.warning("second %s: exiting now", signal.Signals(sig).name)
+            log.warning("second %s: exiting now", name)
             os._exit(1)
-        log.info("%s: draining (up to %.0f s)", signal.Signals(sig).name, self.config.drain_seconds)
+        if self._started:
+            log.info("%s: draining (up to %.0f s)", name, self.config.drain_seconds)
+        else:
+            log.info(
+                "%s during startup: abandoning the model loads, then stopping (up to %.0f s)",
+                name,
+                self.config.drain_seconds,
+            )
+        self._begin_stop()
+
+    def _begin_stop(self) -> None:
+        assert self._stopping is not None
+        self._signalled_at = time.monotonic()
+        # At once, not when the drain starts: a load thread reads it between steps.
+        self.repository.stop.loads_abandoned.set()
         self._stopping.set()
 
     async def drain(self) -> None:
         """Stop taking requests, finish accepted ones, shut down."""
         self.state.draining = True
+        if self._poller is not None:
+            # A draining server must not load or unload models under its drain.
+            self._poller.stop()
         # Liveness stays SERVING: a draining server is healthy, just leaving.
         await self.update_health()
-        started = time.monotonic()
+        started = self._signalled_at if self._signalled_at is not None else time.monotonic()
         # Keep listening while accepted and queued requests finish, so probes
         # read NOT_SERVING (liveness SERVING) instead of a refused connection;
         # meanwhile the servicer refuses new inference with UNAVAILABLE.
+        # (Even stopped during startup: requests to the models loaded by then
+        # may have been accepted.)
+        left = self.config.drain_seconds - (time.monotonic() - started)
         try:
-            await asyncio.wait_for(self.repository.drain(), self.config.drain_seconds)
+            await asyncio.wait_for(self.repository.drain(), max(0.0, left))
         except TimeoutError:
+            # Set before the gRPC server cancels them: their failures are then
+            # reported as the server's doing, not their callers'.
+            self.repository.stop.drain_expired = True
             log.warning("drain time is up: cancelling the requests still queued or running")
         if self._server is not None:
             # Stops listening (GOAWAY); replies being written get what is left.
@@ -202,7 +268,14 @@ class LockgateServer:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         tracing.shutdown()  # flushes the spans still buffered
-        log.info("drained and stopped in %.2f s", time.monotonic() - started)
+        if self._started:
+            log.info("drained and stopped in %.2f s", time.monotonic() - started)
+        else:
+            log.info(
+                "stopped during startup in %.2f s, with %d model version(s) loaded",
+                time.monotonic() - started,
+                len(self.repository.ready_models()),
+            )
         if stuck:
             log.warning("a batch is still running: exiting without waiting for it")
             logging.shutdown()
@@ -216,5 +289,6 @@ class LockgateServer:
             self._metrics_server.shutdown()
 
     def request_stop(self) -> None:
-        if self._stopping is not None:
-            self._stopping.set()
+        """Drain and stop, as the first SIGTERM does (for embedding and tests)."""
+        if self._stopping is not None and not self._stopping.is_set():
+            self._begin_stop()

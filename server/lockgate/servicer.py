@@ -179,12 +179,12 @@ class Servicer(service.GRPCInferenceServiceServicer):
             _log_failure(request, exc.reason, exc.message)
             raise
         except asyncio.CancelledError:
-            gone = deadline is not None and time.monotonic() >= deadline
-            _log_failure(
-                request,
-                "DEADLINE_EXCEEDED" if gone else "CANCELLED",
-                "the caller's deadline passed" if gone else "the caller cancelled",
-            )
+            # The caller hung up, its deadline passed, or the drain time ran out
+            # and the server stopped under the request.
+            reason, message = self._repository.stop.cancellation(deadline)
+            _log_failure(request, reason, message)
+            if trace is not None:
+                trace.cancelled = (reason, message)
             raise
 
     @_status

@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
 from lockgate import batcher
 from lockgate.config import ServerConfig
 from lockgate.errors import LockgateError
@@ -52,12 +54,14 @@ DEFAULT_SERVICE_NAME = "lockgate"
 class RequestTrace:
     """The server span of one inference, carried on ``InferRequest.trace``."""
 
-    __slots__ = ("request", "span")
+    __slots__ = ("cancelled", "request", "span")
 
     def __init__(self, span: Span) -> None:
         self.span = span
         #: The decoded request, once the servicer has one (None if decoding failed).
         self.request: InferRequest | None = None
+        #: (status code name, message) the servicer found for a cancelled request.
+        self.cancelled: tuple[str, str] | None = None
 
     def attach(self, request: InferRequest) -> None:
         self.request = request
@@ -218,7 +222,11 @@ async def traced(
         _end(otel, trace, exc.code.name, exc.code.value[0], exc.message)
         raise
     except asyncio.CancelledError:
-        _end(otel, trace, "CANCELLED", 1, "the caller cancelled or its deadline passed")
+        status, message = trace.cancelled or (
+            "CANCELLED",
+            "the caller cancelled or its deadline passed",
+        )
+        _end(otel, trace, status, grpc.StatusCode[status].value[0], message)
         raise
     except Exception as exc:
         _end(otel, trace, "INTERNAL", 13, f"internal error: {exc}")
