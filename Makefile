@@ -8,6 +8,9 @@ REPO   ?= models/repository
 HOST   ?= 127.0.0.1
 ARGS   ?=
 STAMP  := $(VENV)/.installed
+LOCKGATE_FUZZ_EXAMPLES ?= 5000
+FUZZ_SECONDS ?= 300
+FUZZ_CORPUS  ?= bench/results/fuzz-corpus
 PROTOS := $(wildcard protos/lockgate_client/_proto/*.proto)
 
 .PHONY: help install models run test lint typecheck check-protos protos bench fuzz soak clean
@@ -50,8 +53,18 @@ test: $(STAMP)  ## install, lint, type-check and run the test suite
 bench: models  ## benchmark: in-process ORT vs echo ceiling vs Lockgate, batched vs not
 	$(PY) bench/run.py --repository $(REPO) $(ARGS)
 
-fuzz: $(STAMP)  ## a long fuzzing pass against a live server
-	LOCKGATE_FUZZ_EXAMPLES=5000 $(PY) -m pytest tests/test_fuzz.py -q
+# atheris is installed on demand, never by `make install`: it has no wheel for
+# some platforms and Pythons, and `make test` must not depend on it.
+fuzz: $(STAMP)  ## long fuzzing passes against a live server: hypothesis, then atheris for FUZZ_SECONDS (default 300)
+	LOCKGATE_FUZZ_EXAMPLES=$(LOCKGATE_FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q \
+		--deselect tests/test_fuzz.py::test_atheris_harness_smoke
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --quiet 'atheris>=2.3' || true
+	@if $(PY) -c 'import atheris' 2>/dev/null; then \
+		echo "$(PY) bench/fuzz_atheris.py --repository $(REPO) --corpus $(FUZZ_CORPUS) -max_total_time=$(FUZZ_SECONDS)"; \
+		$(PY) bench/fuzz_atheris.py --repository $(REPO) --corpus $(FUZZ_CORPUS) -max_total_time=$(FUZZ_SECONDS); \
+	else \
+		echo "atheris is unavailable (it did not install for this Python and platform): skipping the coverage-guided pass"; \
+	fi
 
 soak: models  ## mixed traffic for SOAK_SECONDS (default 600); reports RSS growth
 	$(PY) bench/soak.py --repository $(REPO) $(ARGS)

@@ -316,6 +316,20 @@ def _invalid(text: str) -> mc.ModelConfig:
             "reshape",
         ),
         (_invalid("instance_group [{ count: -1 }]"), "count"),
+        (
+            _invalid(
+                'output [{ name: "y" data_type: TYPE_FP32 dims: [4] },'
+                ' { name: "y" data_type: TYPE_FP32 dims: [4] }]'
+            ),
+            "output 'y' is listed more than once",
+        ),
+        (
+            _invalid(
+                'input [{ name: "x" data_type: TYPE_FP32 dims: [4] },'
+                ' { name: "x" data_type: TYPE_INT32 dims: [2] }]'
+            ),
+            "input 'x' is listed more than once",
+        ),
     ],
 )
 def test_validate_config_rejects(config: mc.ModelConfig, fragment: str) -> None:

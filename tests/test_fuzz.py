@@ -9,7 +9,8 @@ random or mutated ``config.pbtxt`` / JSON model configurations.
 
 ``LOCKGATE_FUZZ_EXAMPLES`` sets the examples per test (default 150, a few
 seconds each; ``make fuzz`` sets 5000). Short runs are derandomized, so they
-are repeatable; long runs explore.
+are repeatable; long runs explore. ``make fuzz`` then runs the coverage-guided
+atheris harness, bench/fuzz_atheris.py; the last test here is its smoke test.
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ import json
 import math
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess
+from conftest import ROOT, ServerProcess
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -553,3 +557,23 @@ json_configs = st.dictionaries(config_keys, json_values, max_size=4).map(json.du
 @example(text="[" * 100_000)
 def test_config_json(text: str) -> None:
     check_config(text, is_json=True)
+
+
+# --- the coverage-guided harness ----------------------------------------------------------------
+
+
+def test_atheris_harness_smoke(model_repository: Path, tmp_path: Path) -> None:
+    """bench/fuzz_atheris.py starts its server, fuzzes 200 inputs and finds nothing.
+
+    atheris is not a dev dependency (no wheel on some platforms): ``make fuzz``
+    installs it, and this runs wherever it is installed.
+    """
+    pytest.importorskip("atheris")
+    harness = ROOT / "bench" / "fuzz_atheris.py"
+    command = [sys.executable, str(harness), "--repository", str(model_repository)]
+    command += ["--corpus", str(tmp_path / "corpus"), f"-artifact_prefix={tmp_path}/"]
+    command += ["-runs=200", "-seed=1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert "fuzzing verdict: PASS" in done.stdout
+    assert not list(tmp_path.glob("crash-*"))

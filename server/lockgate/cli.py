@@ -247,6 +247,9 @@ def _float_or_none(value: Any) -> float | None:
 def run_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     configure_logging(config.log_level, config.log_format)
+    from lockgate.allocator import tune_malloc
+
+    tune_malloc()  # before the server's threads exist
     from lockgate.security import SecurityConfigError
     from lockgate.server import LockgateServer
 

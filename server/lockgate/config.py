@@ -278,6 +278,12 @@ def validate_config(config: mc.ModelConfig) -> None:
                 f"model '{name}': tensor '{tensor.name}' dims {list(tensor.dims)} must be "
                 "positive or -1"
             )
+    for kind, tensors in (("input", config.input), ("output", config.output)):
+        names = [t.name for t in tensors]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            # Triton refuses this too: one of the two would silently be ignored.
+            raise ModelLoadError(f"model '{name}': {kind} '{twice[0]}' is listed more than once")
     for tensor in list(config.input) + list(config.output):
         if tensor.HasField("reshape"):
             raise ModelLoadError(
