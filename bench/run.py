@@ -10,10 +10,13 @@ returns):
    (the ceiling for a Python gRPC front end), with each model's payload;
 3. Lockgate with dynamic batching off and on.
 
-It prints a table of throughput, p50/p99 latency and mean batch size, the
-ratios Lockgate/echo, batched/unbatched and Lockgate/in-process, and saves
-everything as JSON so two runs can be compared. Usage: ``make bench`` or
-``python bench/run.py --quick``.
+Echo, batched and unbatched Lockgate are measured back to back at each point,
+``--rounds`` times (default 2, ``--duration`` 3 s each), and each figure is
+the median over rounds, so that a machine whose speed drifts shifts all three
+alike. It prints a table of throughput, p50/p99 latency and mean batch size,
+the ratios Lockgate/echo, batched/unbatched and Lockgate/in-process, and saves
+everything as JSON so two runs can be compared. Usage: ``make bench``,
+``make bench ARGS="--rounds 5"`` or ``python bench/run.py --quick``.
 """
 
 from __future__ import annotations
@@ -359,6 +362,22 @@ def in_process(repository: Path, model: str, batch: int, seconds: float) -> floa
     return runs * batch / elapsed
 
 
+def median_row(rows: list[Row]) -> Row:
+    """One row from several rounds of the same point: the median of each figure."""
+    first = rows[0]
+    return Row(
+        target=first.target,
+        model=first.model,
+        concurrency=first.concurrency,
+        throughput=statistics.median(r.throughput for r in rows),
+        p50_ms=statistics.median(r.p50_ms for r in rows),
+        p99_ms=statistics.median(r.p99_ms for r in rows),
+        errors=sum(r.errors for r in rows),
+        mean_batch=statistics.median(r.mean_batch for r in rows),
+        extra={"rounds": len(rows), "throughputs": [round(r.throughput, 1) for r in rows]},
+    )
+
+
 # --- report --------------------------------------------------------------------------------
 
 
@@ -414,8 +433,11 @@ def main() -> int:
     parser.add_argument(
         "--repository", type=Path, default=None, help="(ignored: the bench builds its own)"
     )
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="measure every point this often; report medians"
+    )
     parser.add_argument("--models", default="simple,mlp,image_classifier")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
@@ -431,54 +453,57 @@ def main() -> int:
         return 0
     duration = 2.0 if args.quick else args.duration
     models = [m for m in args.models.split(",") if m]
-    rows: list[Row] = []
     work = Path(tempfile.mkdtemp(prefix="lockgate-bench-"))
     repository = build_repository(work / "repository")
 
+    # Both servers stay up and every (model, concurrency) point is measured
+    # echo, batched, unbatched back to back, for --rounds rounds; each figure
+    # is the median over rounds. A noisy machine then shifts all three alike,
+    # and the ratios hold even where the absolute numbers drift.
     echo_port = free_port()
     echo = start_echo(echo_port)
-    try:
-        # The echo ceiling for every model's payload: a 600 KB image request
-        # costs the gRPC front end far more than simple's 128 bytes.
-        for model in models:
-            for concurrency in MODELS[model]["concurrency"]:
-                if args.quick and concurrency not in (1, 16, 32):
-                    continue
-                result = run_load(echo_port, model, concurrency, duration)
-                rows.append(
-                    Row(
-                        "echo",
-                        model,
-                        concurrency,
-                        result["throughput"],
-                        result["p50_ms"],
-                        result["p99_ms"],
-                        result["errors"],
-                    )
-                )
-                print(
-                    f"echo {model} c={concurrency}: {result['throughput']:,.0f}/s", file=sys.stderr
-                )
-    finally:
-        stop(echo)
-
     port = free_port()
-    server = start_lockgate(repository, port, [])
     try:
-        for model in models:
-            for concurrency in MODELS[model]["concurrency"]:
-                if args.quick and concurrency not in (1, 16, 32):
-                    continue
-                for variant in (model, model + "_nobatch"):
-                    row = measure_lockgate(port, variant, concurrency, duration)
-                    rows.append(row)
+        server = start_lockgate(repository, port, [])
+    except BaseException:
+        stop(echo)
+        raise
+    samples: dict[tuple[str, str, int], list[Row]] = {}
+    try:
+        for round_number in range(1, args.rounds + 1):
+            for model in models:
+                for concurrency in MODELS[model]["concurrency"]:
+                    if args.quick and concurrency not in (1, 16, 32):
+                        continue
+                    result = run_load(echo_port, model, concurrency, duration)
+                    measured = [
+                        Row(
+                            "echo",
+                            model,
+                            concurrency,
+                            result["throughput"],
+                            result["p50_ms"],
+                            result["p99_ms"],
+                            result["errors"],
+                        )
+                    ]
+                    for variant in (model, model + "_nobatch"):
+                        measured.append(measure_lockgate(port, variant, concurrency, duration))
+                    for row in measured:
+                        samples.setdefault((row.target, row.model, concurrency), []).append(row)
                     print(
-                        f"lockgate {variant} c={concurrency}: {row.throughput:,.0f}/s "
-                        f"batch {row.mean_batch:.1f}",
+                        f"round {round_number} {model} c={concurrency}: "
+                        + ", ".join(
+                            f"{r.target if r.target == 'echo' else r.model} {r.throughput:,.0f}/s"
+                            for r in measured
+                        ),
                         file=sys.stderr,
                     )
     finally:
         stop(server)
+        stop(echo)
+    rows = [median_row(group) for group in samples.values()]
+    rows.sort(key=lambda r: (r.target != "echo", r.model, r.concurrency))
 
     ceilings: dict[str, dict[int, float]] = {}
     for model in models:
@@ -503,6 +528,7 @@ def main() -> int:
                     "python": sys.version.split()[0],
                 },
                 "duration": duration,
+                "rounds": args.rounds,
                 "rows": [asdict(r) for r in rows],
                 "in_process": ceilings,
                 "ratios": ratio_rows,
