@@ -29,7 +29,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.serving import free_port, wait_ready  # noqa: E402
 from lockgate_client._proto import grpc_service_pb2 as pb  # noqa: E402
 from models.build import build_repository  # noqa: E402
 
@@ -362,12 +362,6 @@ async def caller(url: str, seed: int, until: float, tally: Tally) -> None:
 # --- the server --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_server(repository: Path, log_path: Path, extra: list[str]) -> tuple[Any, str, str]:
     port, metrics_port = free_port(), free_port()
     args = [
@@ -381,24 +375,12 @@ def start_server(repository: Path, log_path: Path, extra: list[str]) -> tuple[An
     with log_path.open("wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode}; see {log_path}")
-        with grpc.insecure_channel(url) as channel:
-            ready = channel.unary_unary(
-                SERVICE + "ServerReady",
-                request_serializer=pb.ServerReadyRequest.SerializeToString,
-                response_deserializer=pb.ServerReadyResponse.FromString,
-            )
-            try:
-                if ready(pb.ServerReadyRequest(), timeout=2).ready:
-                    return process, url, f"http://127.0.0.1:{metrics_port}/metrics"
-            except grpc.RpcError:
-                pass
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit(f"the server was not ready in time; see {log_path}")
+    try:
+        wait_ready(url, process, timeout=180)
+    except (RuntimeError, TimeoutError) as exc:
+        process.kill()
+        raise SystemExit(f"{exc}; see {log_path}") from None
+    return process, url, f"http://127.0.0.1:{metrics_port}/metrics"
 
 
 def rss_mib(pid: int, metrics_url: str) -> float | None:
@@ -563,11 +545,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"unexpected errors:   {dict(unexpected) or 0}")
     for what, details in tally.examples.items():
         print(f"  {what}: {details}")
-    print(
-        f"RSS: {memory['baseline_mib']} MiB after {warmup:.0f} s warm-up -> "
-        f"{memory['final_mib']} MiB at the end ({memory['growth_percent']}% growth, "
-        f"limit {args.max_growth}%); peak {memory.get('peak_mib')} MiB"
-    )
+    if memory["growth_percent"] is None:
+        # No verdict on memory without two whole windows after the warm-up.
+        print(
+            f"RSS: not measured: the run needs two {args.window:.0f} s windows after its "
+            f"{warmup:.0f} s warm-up (run longer, or pass a shorter --warmup or --window)"
+        )
+    else:
+        print(
+            f"RSS: {memory['baseline_mib']} MiB after {warmup:.0f} s warm-up -> "
+            f"{memory['final_mib']} MiB at the end ({memory['growth_percent']}% growth, "
+            f"limit {args.max_growth}%); peak {memory.get('peak_mib')} MiB"
+        )
     print(f"server alive at the end: {alive}; exit code after SIGTERM: {exit_code}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / time.strftime("soak-%Y%m%d-%H%M%S.json")
