@@ -75,7 +75,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,6 +85,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.serving import free_port, wait_ready  # noqa: E402
 
 # Only modules first imported inside this block are instrumented: nothing
 # above may import protobuf or the SDK (models.build, via onnx, would).
@@ -639,14 +640,6 @@ def tied(command: Sequence[str], data_limit: int = 0) -> list[str]:
     return [sys.executable, "-c", TRAMPOLINE, str(os.getpid()), str(data_limit), *command]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def ensure_models(repository: Path) -> None:
     """Build the example models into ``repository`` unless they are there."""
     if all((repository / m / "config.pbtxt").is_file() for m in EXAMPLE_MODELS):
@@ -693,24 +686,12 @@ def start_server(
             tied(command, memory_mb * 2**20), stdout=log, stderr=subprocess.STDOUT, env=env
         )
     url = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    with grpc.insecure_channel(url) as channel:
-        ready = channel.unary_unary(
-            SERVICE + "ServerReady",
-            request_serializer=pb.ServerReadyRequest.SerializeToString,
-            response_deserializer=pb.ServerReadyResponse.FromString,
-        )
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"the server exited with {process.returncode}; see {log_path}")
-            try:
-                if ready(pb.ServerReadyRequest(), timeout=2).ready:
-                    return process, url
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    process.kill()
-    raise SystemExit(f"the server was not ready in time; see {log_path}")
+    try:
+        wait_ready(url, process, timeout=180)
+    except (RuntimeError, TimeoutError) as exc:
+        process.kill()
+        raise SystemExit(f"{exc}; see {log_path}") from None
+    return process, url
 
 
 def stop_server(process: subprocess.Popen[bytes]) -> int:

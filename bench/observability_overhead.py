@@ -39,19 +39,11 @@ from lockgate_client._proto import grpc_service_pb2 as pb
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.serving import free_port, wait_ready  # noqa: E402
 from models.build import build_simple  # noqa: E402
 
 MODEL = "simple"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
-READY = "/inference.GRPCInferenceService/ServerReady"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- the server under test --------------------------------------------------------------
@@ -71,23 +63,7 @@ class Server:
             stderr=subprocess.DEVNULL,
             env={**os.environ, **env},
         )
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        request = pb.ServerReadyRequest().SerializeToString()
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}")
-            with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-                try:
-                    reply = channel.unary_unary(READY, None, None)(request, timeout=2)
-                    if pb.ServerReadyResponse.FromString(reply).ready:
-                        return
-                except grpc.RpcError:
-                    pass
-            time.sleep(0.2)
-        raise TimeoutError("server not ready")
+        wait_ready(f"127.0.0.1:{self.port}", self.process)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from lockgate_client._proto import model_config_pb2 as mc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.serving import free_port, wait_ready  # noqa: E402
 from models.build import build_image_classifier, build_mlp, build_simple  # noqa: E402
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -99,37 +99,11 @@ def build_repository(directory: Path) -> Path:
     return directory
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            try:
-                grpc.channel_ready_future(channel).result(timeout=1)
-                ready = channel.unary_unary("/inference.GRPCInferenceService/ServerReady")
-                reply = pb.ServerReadyResponse.FromString(
-                    ready(pb.ServerReadyRequest().SerializeToString(), timeout=2)
-                )
-                if reply.ready:
-                    return
-            except (grpc.RpcError, grpc.FutureTimeoutError):
-                pass
-        time.sleep(0.2)
-    raise TimeoutError(f"server on port {port} not ready")
-
-
 def start_lockgate(repository: Path, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "lockgate", "serve", "--model-repository", str(repository)]
     args += ["--grpc-port", str(port), "--metrics-port", str(free_port()), *extra]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_for_port(port, process)
+    wait_ready(f"127.0.0.1:{port}", process)
     return process
 
 
@@ -139,7 +113,7 @@ def start_echo(port: int) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    wait_for_port(port, process)
+    wait_ready(f"127.0.0.1:{port}", process)
     return process
 
 
