@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,6 +20,7 @@ from typing import Literal
 from google.protobuf import json_format, text_format
 
 from lockgate.errors import ModelLoadError
+from lockgate.reshape import check_reshape
 from lockgate.stats import BATCH_BUCKETS, DURATION_BUCKETS
 from lockgate_client._proto import model_config_pb2 as mc
 from lockgate_client.datatypes import CONFIG_TO_WIRE
@@ -208,7 +210,7 @@ def _complete_tensors(config: mc.ModelConfig, tensors: list[OnnxTensor], is_inpu
             entry = declared.add()
             entry.name = tensor.name
             entry.data_type = _config_type(tensor, config.name)  # type: ignore[assignment]
-            entry.dims.extend(tensor.shape[batch_dims:])
+            _complete_dims(entry, tensor.shape[batch_dims:])
         return
     for entry in declared:
         onnx = by_name.get(entry.name)
@@ -227,7 +229,37 @@ def _complete_tensors(config: mc.ModelConfig, tensors: list[OnnxTensor], is_inpu
                 f"{mc.DataType.Name(want)} in the ONNX model"
             )
         if not entry.dims and not entry.HasField("reshape"):
-            entry.dims.extend(onnx.shape[batch_dims:])
+            _complete_dims(entry, onnx.shape[batch_dims:])
+        elif entry.HasField("reshape"):
+            _check_model_shape(
+                config.name, entry.name, entry.reshape.shape, onnx.shape[batch_dims:]
+            )
+
+
+def _complete_dims(entry: mc.ModelInput | mc.ModelOutput, shape: tuple[int, ...]) -> None:
+    """Dims from the ONNX shape; a tensor with no dimension besides the batch
+    becomes ``dims: [1]`` with ``reshape { shape: [] }``, as Triton's ONNX
+    Runtime backend completes it, so clients get [N, 1] (a scikit-learn label
+    output) from both servers."""
+    if shape:
+        entry.dims.extend(shape)
+        return
+    entry.dims.append(1)
+    entry.reshape.SetInParent()
+
+
+def _check_model_shape(
+    model: str, tensor: str, reshape: Sequence[int], onnx_shape: tuple[int, ...]
+) -> None:
+    """A reshape must be a shape the ONNX model takes (or makes)."""
+    if len(reshape) != len(onnx_shape) or any(
+        want != -1 and got != -1 and got != want
+        for got, want in zip(reshape, onnx_shape, strict=True)
+    ):
+        raise ModelLoadError(
+            f"model '{model}': tensor '{tensor}' has reshape {list(reshape)} but the ONNX "
+            f"model's shape (after any batch dimension) is {list(onnx_shape)}"
+        )
 
 
 def _config_type(tensor: OnnxTensor, model: str) -> int:
@@ -286,10 +318,7 @@ def validate_config(config: mc.ModelConfig) -> None:
             raise ModelLoadError(f"model '{name}': {kind} '{twice[0]}' is listed more than once")
     for tensor in list(config.input) + list(config.output):
         if tensor.HasField("reshape"):
-            raise ModelLoadError(
-                f"model '{name}': tensor '{tensor.name}' uses reshape, which Lockgate does "
-                "not support yet; export the model with the shape clients send"
-            )
+            check_reshape(name, tensor.name, tensor.dims, tensor.reshape.shape)
     for group in config.instance_group:
         if group.count < 0:
             raise ModelLoadError(f"model '{name}': instance_group count must be >= 1")

@@ -16,6 +16,7 @@ from lockgate.codec import Limits, TensorSpec
 from lockgate.config import ServerConfig, complete_config, validate_config
 from lockgate.errors import LoadAbandonedError, LockgateError, ModelLoadError
 from lockgate.request import InferRequest
+from lockgate.reshape import Reshaper
 from lockgate.runner import Runner, plan_instances
 from lockgate.stats import ModelStats
 from lockgate_client._proto import grpc_service_pb2 as pb
@@ -132,6 +133,9 @@ class ModelVersion:
         for placement in placements[1:]:
             stop.check_loading(name)
             runners.append(Runner(path, config, placement))
+        reshaper = Reshaper.from_config(config)
+        for runner in runners:
+            runner.reshaper = reshaper
         stats = ModelStats(
             name=config.name,
             version=str(version),

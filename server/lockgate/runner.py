@@ -21,6 +21,7 @@ import onnxruntime as ort
 from lockgate.config import OnnxTensor
 from lockgate.errors import ExecutionError, ModelLoadError
 from lockgate.request import Array
+from lockgate.reshape import Reshaper
 from lockgate_client._proto import model_config_pb2 as mc
 
 log = logging.getLogger("lockgate.runner")
@@ -158,9 +159,14 @@ class Runner:
         self.output_names = [o.name for o in self.outputs]
         self._bf16_inputs = {t.name for t in self.inputs if t.ort_type == "tensor(bfloat16)"}
         self._bf16_outputs = any(t.ort_type == "tensor(bfloat16)" for t in self.outputs)
+        #: Set once the config is complete; None when no tensor is reshaped.
+        self.reshaper: Reshaper | None = None
 
     def run(self, feeds: dict[str, Array]) -> dict[str, Array]:
-        """Run the session on one batch; called in a worker thread."""
+        """Run the session on one batch (wire shapes in and out); called in a worker thread."""
+        reshaper = self.reshaper
+        if reshaper is not None:
+            feeds = reshaper.to_model(feeds)
         try:
             if self._bf16_inputs or self._bf16_outputs:
                 values = self._run_ort_values(feeds)
@@ -168,7 +174,8 @@ class Runner:
                 values = self.session.run(self.output_names, feeds)
         except Exception as exc:  # ORT's error types are not importable in a stable way
             raise ExecutionError(f"model execution failed: {_short(exc)}") from None
-        return dict(zip(self.output_names, values, strict=True))
+        outputs = dict(zip(self.output_names, values, strict=True))
+        return outputs if reshaper is None else reshaper.to_wire(outputs)
 
     def _run_ort_values(self, feeds: dict[str, Array]) -> list[Array]:
         """BF16 path: numpy has no bfloat16, so pass and take raw bits via OrtValue."""
