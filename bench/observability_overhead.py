@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from lockgate_client._proto import grpc_service_pb2 as pb
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.serving import free_port, wait_ready  # noqa: E402
+from bench.serving import launch_server  # noqa: E402
 from models.build import build_simple  # noqa: E402
 
 MODEL = "simple"
@@ -47,31 +46,6 @@ INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 # --- the server under test --------------------------------------------------------------
-
-
-class Server:
-    """``lockgate serve`` in a subprocess, with its ports."""
-
-    def __init__(self, repository: Path, extra: list[str], env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.metrics_port = free_port()
-        args = [sys.executable, "-m", "lockgate", "serve", "--model-repository", str(repository)]
-        args += ["--grpc-port", str(self.port), "--metrics-port", str(self.metrics_port)]
-        self.process = subprocess.Popen(
-            [*args, "--log-level", "warning", *extra],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, **env},
-        )
-        wait_ready(f"127.0.0.1:{self.port}", self.process)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 class Scraper(threading.Thread):
@@ -167,7 +141,7 @@ def measure(
     scrape: bool,
     env: dict[str, str] | None = None,
 ) -> tuple[float, list[float]]:
-    server = Server(repository, extra, env or {})
+    server = launch_server(repository, None, "--log-level", "warning", *extra, env=env)
     scraper = Scraper(f"http://127.0.0.1:{server.metrics_port}/metrics") if scrape else None
     try:
         if scraper is not None:
@@ -177,7 +151,7 @@ def measure(
                 sys.executable,
                 __file__,
                 "--load",
-                str(server.port),
+                str(server.grpc_port),
                 args.client,
                 str(args.concurrency),
                 str(args.seconds),

@@ -39,6 +39,7 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf import text_format
+from grpc_health.v1 import health, health_pb2_grpc
 
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import model_config_pb2 as mc
@@ -46,7 +47,7 @@ from lockgate_client._proto import model_config_pb2 as mc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.serving import free_port, wait_ready  # noqa: E402
+from bench.serving import free_port, launch_server, wait_ready  # noqa: E402
 from models.build import build_image_classifier, build_mlp, build_simple  # noqa: E402
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -100,11 +101,7 @@ def build_repository(directory: Path) -> Path:
 
 
 def start_lockgate(repository: Path, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "lockgate", "serve", "--model-repository", str(repository)]
-    args += ["--grpc-port", str(port), "--metrics-port", str(free_port()), *extra]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_ready(f"127.0.0.1:{port}", process)
-    return process
+    return launch_server(repository, None, *extra, grpc_port=port, timeout=120).process
 
 
 def start_echo(port: int) -> subprocess.Popen[bytes]:
@@ -167,6 +164,8 @@ async def echo_server(port: int) -> None:
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers)]
     )
+    # Readiness is probed as for Lockgate; the servicer starts out SERVING.
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     stopping = asyncio.Event()

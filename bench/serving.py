@@ -1,42 +1,127 @@
-"""What every script here needs to drive a server it starts: a port, and a readiness wait."""
+"""Starting a real ``lockgate serve`` and waiting for it: shared by bench/ and tests/.
+
+Servers run as subprocesses (``python -m lockgate serve``), exactly as a user
+starts them, on free loopback ports.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
-
-from lockgate_client._proto import grpc_service_pb2 as pb
-
-READY = "/inference.GRPCInferenceService/ServerReady"
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def free_port() -> int:
     """A loopback port nothing listens on (free now; the server binds it next)."""
-    with socket.socket() as sock:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    """Return once ServerReady at ``url`` says ready.
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Return once the server's gRPC health check ("" service) says SERVING.
 
     Raises RuntimeError if ``process`` exits first, TimeoutError after ``timeout`` s.
     """
     deadline = time.monotonic() + timeout
-    request = pb.ServerReadyRequest().SerializeToString()
+    request = health_pb2.HealthCheckRequest(service="")
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
+            raise RuntimeError(f"server exited with {process.returncode} before ready")
         # A new channel each try: one that failed to connect backs off for longer.
         with grpc.insecure_channel(url) as channel:
             try:
-                reply = channel.unary_unary(READY)(request, timeout=2)
-                if pb.ServerReadyResponse.FromString(reply).ready:
+                reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
-        time.sleep(0.2)
-    raise TimeoutError(f"the server at {url} was not ready within {timeout:.0f} s")
+        time.sleep(0.1)
+    raise TimeoutError(f"server at {url} not ready after {timeout:.0f} s")
+
+
+@dataclass
+class ServerProcess:
+    """A running ``lockgate serve`` subprocess and its addresses."""
+
+    process: subprocess.Popen[bytes]
+    grpc_port: int
+    metrics_port: int
+    #: Where its stdout and stderr go; None: discarded.
+    log_path: Path | None
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def log(self) -> str:
+        if self.log_path is None:
+            return "(output discarded)"
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM the server and wait; kill it if it does not exit in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+def launch_server(
+    repository: Path | str,
+    log_dir: Path | None,
+    *extra: str,
+    grpc_port: int | None = None,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    timeout: float = 60.0,
+) -> ServerProcess:
+    """Start ``lockgate serve`` on free loopback ports; by default wait until ready.
+
+    Its output goes to ``log_dir/server-<port>.log`` (discarded if ``log_dir``
+    is None). Readiness is not strict unless ``--strict-readiness`` is in
+    ``extra``: the test repository holds a deliberately broken model, and
+    strict readiness would keep such a server NOT_SERVING forever.
+    """
+    grpc_port = grpc_port or free_port()
+    metrics_port = free_port()
+    args = [
+        *(sys.executable, "-m", "lockgate", "serve", "--model-repository", str(repository)),
+        *("--host", "127.0.0.1", "--grpc-port", str(grpc_port)),
+        *("--metrics-port", str(metrics_port)),
+        *([] if "--strict-readiness" in extra else ["--no-strict-readiness"]),
+        *extra,
+    ]
+    log_path = None if log_dir is None else log_dir / f"server-{grpc_port}.log"
+    with open(log_path or os.devnull, "wb") as log:
+        process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    server = ServerProcess(process, grpc_port, metrics_port, log_path, args)
+    if wait:
+        try:
+            wait_ready(server.url, process, timeout)
+        except Exception:
+            server.stop(5)
+            raise RuntimeError(f"server failed to start:\n{server.log()}") from None
+    return server

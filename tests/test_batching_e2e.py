@@ -15,7 +15,6 @@ import asyncio
 import queue
 import random
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import support
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
-from conftest import ServerProcess, launch_server
+from support import ServerProcess, launch_server
 from tritonclient.utils import InferenceServerException
 
 from lockgate_client._proto import grpc_service_pb2 as pb
@@ -112,15 +112,7 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
 
 def metric(server: ServerProcess, name: str, model: str, **labels: str) -> float:
     """One sample of a Prometheus family for ``model`` (0 when absent)."""
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as reply:
-        text = reply.read().decode()
-    want = {f'model="{model}"', *(f'{k}="{v}"' for k, v in labels.items())}
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            label_text, value = line[len(name) + 1 :].rsplit("} ", 1)
-            if want <= set(label_text.split(",")):
-                return float(value)
-    return 0.0
+    return support.metric(support.scrape(server), name, model=model, **labels) or 0.0
 
 
 def pending(server: ServerProcess, model: str) -> int:

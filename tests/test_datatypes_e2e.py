@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import tritonclient.grpc as tc
-from conftest import ServerProcess
+from support import ServerProcess
 from tritonclient.utils import InferenceServerException
 
 from lockgate_client._proto import grpc_service_pb2 as pb
@@ -89,12 +89,6 @@ def wire_bytes(array: Array, datatype: str) -> bytes:
     if datatype == "BF16":
         return (array.astype("<f4").view("<u4") >> 16).astype("<u2").tobytes()
     return array.astype(WIRE_DTYPES[datatype]).tobytes()
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[tc.InferenceServerClient]:
-    with tc.InferenceServerClient(server.url) as triton:
-        yield triton
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import ServerProcess
 
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import inference_service_pb2_grpc as svc

@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from conftest import ROOT, ServerProcess, launch_server
+from support import ROOT, SERVICE, ServerProcess, launch_server, stub
 from tritonclient.utils import InferenceServerException
 
 from lockgate_client._proto import grpc_service_pb2 as pb
@@ -33,7 +33,6 @@ from models.build import build_gather_fail, build_identity, build_simple, build_
 
 #: Bound on every wait for the server; reaching it is a failure, never a pass.
 PATIENCE_S = 30.0
-SERVICE = "/inference.GRPCInferenceService/"
 WIDTH = 256
 QUEUE_OF_TWO = "default_queue_policy { max_queue_size: 2 }"
 #: A batch runs only when 8 rows are queued: the test decides when.
@@ -65,12 +64,6 @@ def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
     )
     yield proc
     assert proc.stop() == 0, proc.log()
-
-
-@pytest.fixture
-def client(server: ServerProcess) -> Iterator[tc.InferenceServerClient]:
-    with tc.InferenceServerClient(server.url) as triton:
-        yield triton
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -127,11 +120,7 @@ def slow_request(model: str, tag: float, rows: int = 1) -> pb.ModelInferRequest:
 
 
 def infer_call(channel: grpc.Channel) -> Any:
-    return channel.unary_unary(
-        SERVICE + "ModelInfer",
-        request_serializer=pb.ModelInferRequest.SerializeToString,
-        response_deserializer=pb.ModelInferResponse.FromString,
-    )
+    return stub(channel, "ModelInfer", pb.ModelInferResponse)
 
 
 def assert_hold_serves(channel: grpc.Channel) -> None:

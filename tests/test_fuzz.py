@@ -29,9 +29,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import ROOT, ServerProcess
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support import ROOT, SERVICE, ServerProcess
 
 from lockgate.config import (
     OnnxTensor,
@@ -53,7 +53,6 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-SERVICE = "/inference.GRPCInferenceService/"
 #: Codes that mean "the server has a bug": never an answer to a client's mistake.
 BUG_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 #: A valid request is checked after this many fuzzed calls.

@@ -25,8 +25,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import tritonclient.grpc as tc
-from conftest import ServerProcess, wait_ready
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import ServerProcess, wait_ready
 from tritonclient.utils import InferenceServerException
 
 from lockgate_client import (

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, launch_server
+from support import SERVICE, ServerProcess, launch_server, rpc
 
 from lockgate import repository as repository_module
 from lockgate.cli import build_parser, config_from_args
@@ -36,7 +36,6 @@ from lockgate_client.datatypes import BytesFormatError, deserialize_bytes
 from models.build import build_identity, build_simple
 
 Tensor = pb.ModelInferRequest.InferInputTensor
-SERVICE = "/inference.GRPCInferenceService/"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 MESSAGE_LIMIT = 2**20
 ELEMENT_LIMIT = 4096
@@ -78,12 +77,7 @@ def channel(limited: ServerProcess) -> Iterator[grpc.Channel]:
 
 
 def call(channel: grpc.Channel, method: str, request: Any, response: Any) -> Any:
-    rpc = channel.unary_unary(
-        SERVICE + method,
-        request_serializer=type(request).SerializeToString,
-        response_deserializer=response.FromString,
-    )
-    return rpc(request, timeout=60)
+    return rpc(channel, method, request, response, timeout=60)
 
 
 def infer(channel: grpc.Channel, request: pb.ModelInferRequest) -> pb.ModelInferResponse:

@@ -8,9 +8,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from support import simple_inputs
 from tritonclient.utils import InferenceServerException
 
 from lockgate.logs import JsonFormatter, configure_logging
@@ -25,20 +25,12 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return entries
 
 
-def simple_inputs(datatype: str = "INT32") -> list[grpcclient.InferInput]:
-    dtype = np.int32 if datatype == "INT32" else np.int8
-    inputs = [grpcclient.InferInput(f"INPUT{i}", [1, 16], datatype) for i in range(2)]
-    for tensor in inputs:
-        tensor.set_data_from_numpy(np.zeros((1, 16), dtype))
-    return inputs
-
-
 def test_json_log_has_loads_and_failures(model_repository: Path, start_server: Any) -> None:
     server = start_server(model_repository, "--log-format", "json")
     with grpcclient.InferenceServerClient(server.url) as client:
         client.infer("simple", simple_inputs(), request_id="ok-1")
         with pytest.raises(InferenceServerException):
-            client.infer("simple", simple_inputs("INT8"), request_id="req-42")
+            client.infer("simple", simple_inputs(datatype="INT8"), request_id="req-42")
         with pytest.raises(InferenceServerException):
             client.infer("no_such_model", simple_inputs(), request_id="req-43")
     assert server.stop() == 0

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import ROOT, ServerProcess, launch_server
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from support import ROOT, ServerProcess, launch_server, scrape, simple_inputs
 from tritonclient.utils import InferenceServerException
 
 DURATION_BUCKETS = "0.0005,0.005,0.05,0.5,5"
@@ -70,12 +70,6 @@ def client(metrics_server: ServerProcess) -> Iterator[grpcclient.InferenceServer
 # --- helpers ---------------------------------------------------------------------
 
 
-def scrape(server: ServerProcess) -> str:
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        assert response.status == 200
-        return str(response.read().decode())
-
-
 def samples(text: str) -> list[Sample]:
     """All samples; parsing the whole exposition also proves it is valid."""
     return [s for family in text_string_to_metric_families(text) for s in family.samples]
@@ -100,14 +94,6 @@ def buckets(text: str, name: str, model: str) -> list[tuple[str, float]]:
     ]
 
 
-def simple_inputs(rows: int) -> list[grpcclient.InferInput]:
-    data = np.arange(rows * 16, dtype=np.int32).reshape(rows, 16)
-    inputs = [grpcclient.InferInput(f"INPUT{i}", [rows, 16], "INT32") for i in range(2)]
-    for tensor in inputs:
-        tensor.set_data_from_numpy(data)
-    return inputs
-
-
 def slow_inputs() -> list[grpcclient.InferInput]:
     tensor = grpcclient.InferInput("INPUT0", [1, 256], "FP32")
     tensor.set_data_from_numpy(np.ones((1, 256), np.float32))
@@ -127,7 +113,7 @@ def test_counters_after_sequential_requests(
     assert counter(before, "nv_inference_exec_count", "simple") == 0
     n, rows = 5, 3
     for _ in range(n):
-        client.infer("simple", simple_inputs(rows))
+        client.infer("simple", simple_inputs(rows=rows))
     text = scrape(metrics_server)
     assert counter(text, "nv_inference_request_success", "simple") == n
     assert counter(text, "nv_inference_count", "simple") == n * rows
@@ -232,7 +218,7 @@ def test_exposition_uses_tritons_names(
     metrics_server: ServerProcess, client: grpcclient.InferenceServerClient
 ) -> None:
     """Counters under Triton's exact names (no _total), and a valid exposition."""
-    client.infer("simple", simple_inputs(1))
+    client.infer("simple", simple_inputs())
     text = scrape(metrics_server)
     lines = text.splitlines()
     for name in TRITON_COUNTERS:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,23 +10,10 @@ import numpy.typing as npt
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
-from conftest import ServerProcess
+from support import simple_inputs
 from tritonclient.utils import InferenceServerException
 
 Array = npt.NDArray[Any]
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[tc.InferenceServerClient]:
-    with tc.InferenceServerClient(server.url) as triton:
-        yield triton
-
-
-def simple_inputs(a: Array, b: Array) -> list[tc.InferInput]:
-    inputs = [tc.InferInput(f"INPUT{i}", list(a.shape), "INT32") for i in range(2)]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(b)
-    return inputs
 
 
 def output(result: tc.InferResult, name: str) -> Array:

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
-from conftest import ServerProcess
+from support import ServerProcess, simple_inputs
 from tritonclient.utils import InferenceServerException
 
 from lockgate_client._proto import grpc_service_pb2 as pb
@@ -26,13 +26,6 @@ from lockgate_client._proto import inference_service_pb2_grpc as svc
 
 Array = npt.NDArray[Any]
 StreamItem = tuple[tc.InferResult | None, InferenceServerException | None]
-
-
-def simple_inputs(a: Array, b: Array) -> list[tc.InferInput]:
-    inputs = [tc.InferInput(f"INPUT{i}", list(a.shape), "INT32") for i in range(2)]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(b)
-    return inputs
 
 
 def row(i: int) -> Array:

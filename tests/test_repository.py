@@ -17,12 +17,12 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import tritonclient.grpc as tc
-from conftest import ServerProcess, free_port, wait_ready
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from support import ServerProcess, free_port, simple_inputs, wait_ready
 from tritonclient.utils import InferenceServerException
 
 from lockgate_client._proto import grpc_service_pb2 as pb
@@ -48,10 +48,6 @@ def versioned_output(client: tc.InferenceServerClient, model: str, version: str 
     return out - np.arange(4, dtype=np.int32).reshape(1, 4)
 
 
-def simple_inputs(rows: int = 1) -> list[tc.InferInput]:
-    return [int32_input(rows, 16, "INPUT0"), int32_input(rows, 16, "INPUT1")]
-
-
 def status_of(call: Callable[[], object]) -> InferenceServerException:
     with pytest.raises(InferenceServerException) as info:
         call()
@@ -64,12 +60,6 @@ def index_of(client: tc.InferenceServerClient) -> dict[str, Any]:
 
 def ready_names(client: tc.InferenceServerClient) -> set[str]:
     return {m.name for m in client.get_model_repository_index().models if m.state == "READY"}
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[tc.InferenceServerClient]:
-    with tc.InferenceServerClient(server.url) as triton:
-        yield triton
 
 
 # --- the session server: a broken model among good ones ---------------------------------
@@ -261,7 +251,7 @@ def _policy_repository(root: Path, source: Path) -> Path:
 def policy_server(
     model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    from conftest import launch_server
+    from support import launch_server
 
     root = tmp_path_factory.mktemp("policy")
     proc = launch_server(_policy_repository(root, model_repository), root)
@@ -301,7 +291,7 @@ def test_triton_config_extras_load(policy_server: ServerProcess) -> None:
         assert config.parameters["unknown_to_lockgate"].string_value == "ignored"
         assert config.model_warmup[0].name == "zeros"
         assert config.optimization.graph.level == 1
-        result = client.infer("triton_extras", simple_inputs(2))
+        result = client.infer("triton_extras", simple_inputs(rows=2))
         out = result.as_numpy("OUTPUT0")
         assert out is not None
         np.testing.assert_array_equal(out, 2 * np.arange(32, dtype=np.int32).reshape(2, 16))
@@ -346,12 +336,12 @@ def test_explicit_model_control(
         config = client.get_model_config("simple").config
         assert config.max_batch_size == 4
         assert [i.name for i in config.input] == ["INPUT0", "INPUT1"]
-        error = status_of(lambda: client.infer("simple", simple_inputs(5)))
+        error = status_of(lambda: client.infer("simple", simple_inputs(rows=5)))
         assert error.status() == "StatusCode.INVALID_ARGUMENT"
         assert "max_batch_size (4)" in (error.message() or "")
         client.load_model("simple")  # back to config.pbtxt
         assert client.get_model_config("simple").config.max_batch_size == 8
-        client.infer("simple", simple_inputs(5))
+        client.infer("simple", simple_inputs(rows=5))
 
         # A model that exists only in the request.
         onnx = (model_repository / "versioned" / "2" / "model.onnx").read_bytes()

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, free_port
+from support import ServerProcess, free_port, simple_arrays
 
 from lockgate_client import (
     AsyncClient,
@@ -56,11 +56,6 @@ IDENTITY_TYPES = [
     "string",
     "bf16",
 ]
-
-
-def simple_inputs(batch: int = 1) -> dict[str, np.ndarray]:
-    a = np.arange(16 * batch, dtype=np.int32).reshape(batch, 16)
-    return {"INPUT0": a, "INPUT1": np.full((batch, 16), 3, dtype=np.int32)}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +107,7 @@ def test_models_and_statistics(client: Client) -> None:
 
     before = client.statistics("simple")
     assert [s.name for s in before] == ["simple"]
-    client.infer("simple", simple_inputs(batch=2))
+    client.infer("simple", simple_arrays(rows=2))
     after = client.statistics("simple")[0]
     assert after.inference_count == before[0].inference_count + 2
     assert after.inference_stats.success.count >= 1
@@ -123,7 +118,7 @@ def test_models_and_statistics(client: Client) -> None:
 
 
 def test_infer_simple(client: Client) -> None:
-    inputs = simple_inputs(batch=3)
+    inputs = simple_arrays(rows=3)
     outputs = client.infer("simple", inputs)
     assert set(outputs) == {"OUTPUT0", "OUTPUT1"}
     np.testing.assert_array_equal(outputs["OUTPUT0"], inputs["INPUT0"] + inputs["INPUT1"])
@@ -240,7 +235,7 @@ def test_versions(client: Client) -> None:
 
 def test_error_mapping(client: Client) -> None:
     with pytest.raises(ModelNotFoundError) as not_found:
-        client.infer("no_such_model", simple_inputs())
+        client.infer("no_such_model", simple_arrays())
     assert not_found.value.code == grpc.StatusCode.NOT_FOUND
     assert "no_such_model" in not_found.value.message
     with pytest.raises(ModelNotFoundError):
@@ -266,7 +261,7 @@ def test_unreachable_server_is_unavailable() -> None:
 
 
 def test_stream(client: Client) -> None:
-    inputs = simple_inputs()
+    inputs = simple_arrays()
     bad = {"INPUT0": np.zeros((1, 16), np.float32), "INPUT1": inputs["INPUT1"]}
     with client.stream("simple") as stream:
         first_id = stream.send(inputs)
@@ -283,7 +278,7 @@ def test_stream(client: Client) -> None:
         with pytest.raises(InferenceError):
             failed.result()
 
-        sent = [stream.send(simple_inputs(batch=2), outputs=["OUTPUT0"]) for _ in range(5)]
+        sent = [stream.send(simple_arrays(rows=2), outputs=["OUTPUT0"]) for _ in range(5)]
         stream.close()
         rest = list(stream)
         assert sorted(r.id for r in rest) == sorted(sent)
@@ -299,7 +294,7 @@ def test_async_client(server: ServerProcess) -> None:
             assert (await c.config("simple")).max_batch_size == 8
             assert (await c.server_metadata()).name
             assert any(m.name == "simple" for m in await c.models())
-            inputs = simple_inputs()
+            inputs = simple_arrays()
             results = await asyncio.gather(*(c.infer("simple", inputs) for _ in range(20)))
             for out in results:
                 np.testing.assert_array_equal(out["OUTPUT0"], inputs["INPUT0"] + inputs["INPUT1"])
@@ -325,7 +320,7 @@ def test_retries_ride_out_a_restart(start_server: StartServer, small_repository:
     first = start_server(small_repository)
     port = first.grpc_port
     policy = RetryPolicy(max_retries=10_000, initial_backoff=0.05, max_backoff=0.25, infer=True)
-    inputs = simple_inputs()
+    inputs = simple_arrays()
     restarted = threading.Event()
     errors: list[BaseException] = []
 
@@ -372,11 +367,11 @@ def test_retries_stay_within_the_deadline(
     with Client(url, retries=1_000) as c:
         started = time.monotonic()
         with pytest.raises((UnavailableError, DeadlineExceededError)):
-            c.infer("simple", simple_inputs(), timeout=1.0)
+            c.infer("simple", simple_arrays(), timeout=1.0)
         assert time.monotonic() - started < 3.0
     with Client(url) as c, pytest.raises(UnavailableError):
         # infer is not retried unless enabled: fails fast.
-        c.infer("simple", simple_inputs(), timeout=5.0)
+        c.infer("simple", simple_arrays(), timeout=5.0)
 
     async def async_twin() -> None:
         async with AsyncClient(url, retries=1_000) as ac:
@@ -392,7 +387,7 @@ def test_round_robin_across_replicas(start_server: StartServer, small_repository
     replicas = [start_server(small_repository), start_server(small_repository)]
     with Client([r.url for r in replicas], timeout=30) as c:
         for _ in range(40):
-            c.infer("simple", simple_inputs())
+            c.infer("simple", simple_arrays())
     counts = []
     for replica in replicas:
         with Client(replica.url) as one:
@@ -403,7 +398,7 @@ def test_round_robin_across_replicas(start_server: StartServer, small_repository
 
 def test_dns_target(server: ServerProcess) -> None:
     with Client(f"dns:///localhost:{server.grpc_port}", timeout=30) as c:
-        assert c.infer("simple", simple_inputs())["OUTPUT0"].shape == (1, 16)
+        assert c.infer("simple", simple_arrays())["OUTPUT0"].shape == (1, 16)
 
 
 def test_compression_and_metadata(server: ServerProcess) -> None:
@@ -423,7 +418,7 @@ def test_trace_context_is_injected(server: ServerProcess) -> None:
         pairs = dict(trace_metadata())
         assert pairs["traceparent"].startswith("00-")
         with Client(server.url, timeout=30) as c:
-            c.infer("simple", simple_inputs())
+            c.infer("simple", simple_arrays())
 
 
 def test_sdk_shares_a_process_with_tritonclient(server: ServerProcess) -> None:
@@ -452,49 +447,6 @@ def test_sdk_shares_a_process_with_tritonclient(server: ServerProcess) -> None:
 # Security: TLS, mTLS, bearer tokens
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A CA, a server certificate for localhost/127.0.0.1, and a client certificate."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to generate test certificates")
-    d = tmp_path_factory.mktemp("certs")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    ca_extensions = ["basicConstraints=critical,CA:TRUE", "keyUsage=critical,keyCertSign,cRLSign"]
-    _openssl(
-        *("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2"),
-        *("-subj", "/CN=Test CA", "-addext", ca_extensions[0], "-addext", ca_extensions[1]),
-        cwd=d,
-    )
-    for name, usage, san in [
-        ("server", "serverAuth", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
-        ("client", "clientAuth", "subjectAltName=DNS:client"),
-    ]:
-        (d / f"{name}.ext").write_text(
-            f"basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n{san}\n"
-        )
-        _openssl(
-            "req",
-            *ec,
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            f"/CN={name}",
-            cwd=d,
-        )
-        _openssl(
-            *("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key"),
-            *("-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext"),
-            cwd=d,
-        )
-    return {p.stem + p.suffix.replace(".", "_"): p for p in d.iterdir()}
-
-
 def start_unwaited(start_server: StartServer, repo: Path, *flags: str) -> ServerProcess:
     """Start a server the conftest's plaintext health check cannot probe."""
     srv = start_server(repo, *flags, wait=False)
@@ -521,22 +473,20 @@ def wait_for(srv: ServerProcess, **client_options: Any) -> None:
     pytest.fail(f"server not ready:\n{srv.log()}")
 
 
-def test_tls(
-    start_server: StartServer, small_repository: Path, certificates: dict[str, Path]
-) -> None:
+def test_tls(start_server: StartServer, small_repository: Path, certificates: Path) -> None:
     srv = start_unwaited(
         start_server,
         small_repository,
         "--tls-cert",
-        str(certificates["server_pem"]),
+        str(certificates / "server.pem"),
         "--tls-key",
-        str(certificates["server_key"]),
+        str(certificates / "server.key"),
     )
-    wait_for(srv, tls=certificates["ca_pem"])
-    ca = certificates["ca_pem"].read_bytes()
+    wait_for(srv, tls=certificates / "ca.pem")
+    ca = (certificates / "ca.pem").read_bytes()
     with Client(srv.url, tls=ca, timeout=10) as c:
-        assert c.infer("simple", simple_inputs())["OUTPUT0"].shape == (1, 16)
-    with Client(f"localhost:{srv.grpc_port}", tls=str(certificates["ca_pem"]), timeout=10) as c:
+        assert c.infer("simple", simple_arrays())["OUTPUT0"].shape == (1, 16)
+    with Client(f"localhost:{srv.grpc_port}", tls=str(certificates / "ca.pem"), timeout=10) as c:
         assert c.is_ready("simple")
     with Client(srv.url, timeout=5, retries=0) as plain, pytest.raises(UnavailableError):
         plain.is_live()
@@ -548,32 +498,30 @@ def test_tls(
         untrusted.is_live()
 
 
-def test_mtls(
-    start_server: StartServer, small_repository: Path, certificates: dict[str, Path]
-) -> None:
+def test_mtls(start_server: StartServer, small_repository: Path, certificates: Path) -> None:
     srv = start_unwaited(
         start_server,
         small_repository,
         "--tls-cert",
-        str(certificates["server_pem"]),
+        str(certificates / "server.pem"),
         "--tls-key",
-        str(certificates["server_key"]),
+        str(certificates / "server.key"),
         "--tls-client-ca",
-        str(certificates["ca_pem"]),
+        str(certificates / "ca.pem"),
     )
     mutual: dict[str, Any] = {
-        "tls": certificates["ca_pem"],
-        "client_cert": certificates["client_pem"],
-        "client_key": certificates["client_key"],
+        "tls": certificates / "ca.pem",
+        "client_cert": certificates / "client.pem",
+        "client_key": certificates / "client.key",
     }
     wait_for(srv, **mutual)
     with Client(srv.url, timeout=10, **mutual) as c:
-        assert c.infer("simple", simple_inputs())["OUTPUT0"].shape == (1, 16)
-    anonymous = Client(srv.url, tls=certificates["ca_pem"], timeout=5, retries=0)
+        assert c.infer("simple", simple_arrays())["OUTPUT0"].shape == (1, 16)
+    anonymous = Client(srv.url, tls=certificates / "ca.pem", timeout=5, retries=0)
     with anonymous, pytest.raises(UnavailableError):
         anonymous.is_live()
     with pytest.raises(ValueError):
-        Client(srv.url, tls=certificates["ca_pem"], client_cert=certificates["client_pem"])
+        Client(srv.url, tls=certificates / "ca.pem", client_cert=certificates / "client.pem")
 
 
 def test_bearer_token(start_server: StartServer, small_repository: Path, tmp_path: Path) -> None:
@@ -582,11 +530,11 @@ def test_bearer_token(start_server: StartServer, small_repository: Path, tmp_pat
     srv = start_unwaited(start_server, small_repository, "--auth-token-file", str(tokens))
     wait_for(srv, token="admin-token")
     with Client(srv.url, timeout=10) as anonymous, pytest.raises(UnauthenticatedError):
-        anonymous.infer("simple", simple_inputs())
+        anonymous.infer("simple", simple_arrays())
     with Client(srv.url, token="wrong", timeout=10) as wrong, pytest.raises(UnauthenticatedError):
         wrong.metadata("simple")
     with Client(srv.url, token="infer-token", timeout=10) as user:
-        assert user.infer("simple", simple_inputs())["OUTPUT0"].shape == (1, 16)
+        assert user.infer("simple", simple_arrays())["OUTPUT0"].shape == (1, 16)
         with pytest.raises(PermissionDeniedError):
             user.unload("simple")
 
@@ -602,18 +550,18 @@ def test_load_and_unload(start_server: StartServer, small_repository: Path) -> N
         config = c.config("simple")
         c.unload("simple")
         with pytest.raises(LockgateError):
-            c.infer("simple", simple_inputs())
+            c.infer("simple", simple_arrays())
         states = {m.name: m.state for m in c.models()}
         assert states["simple"] != "READY"
         # Reload with a configuration override (sent as JSON).
         config.max_batch_size = 4
         c.load("simple", config=config)
         assert c.config("simple").max_batch_size == 4
-        assert c.infer("simple", simple_inputs())["OUTPUT0"].shape == (1, 16)
+        assert c.infer("simple", simple_arrays())["OUTPUT0"].shape == (1, 16)
         # A dict travels as JSON too.
         c.load("simple", config={"max_batch_size": 2, "dynamic_batching": {}})
         assert c.config("simple").max_batch_size == 2
-        assert c.infer("simple", simple_inputs(batch=2))["OUTPUT0"].shape == (2, 16)
+        assert c.infer("simple", simple_arrays(rows=2))["OUTPUT0"].shape == (2, 16)
         with pytest.raises(ModelNotFoundError):
             c.load("no_such_model")
 
@@ -655,7 +603,7 @@ def test_cli_models_and_stats(server: ServerProcess, capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert "simple" in out and "READY" in out and "broken" in out
     with Client(server.url) as c:
-        c.infer("simple", simple_inputs())
+        c.infer("simple", simple_arrays())
     assert run_cli("stats", "simple", "--url", server.url) == 0
     out = capsys.readouterr().out
     assert "simple" in out and "queue" in out.lower()

@@ -14,7 +14,6 @@ import os
 import shutil
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,8 +23,8 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from conftest import ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import SERVICE, ServerProcess, simple_inputs, stub
 from tritonclient.utils import InferenceServerException
 
 from lockgate import security
@@ -38,7 +37,6 @@ Metadata = list[tuple[str, str]]
 
 #: Bound on every wait for the server; reaching it is a failure, never a pass.
 PATIENCE_S = 30.0
-SERVICE = "/inference.GRPCInferenceService/"
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 #: The only texts a denied caller may read.
@@ -51,54 +49,6 @@ BOTH_TOKEN = "both-token-77aa"
 
 def bearer(token: str) -> Metadata:
     return [("authorization", f"Bearer {token}")]
-
-
-# --- certificates --------------------------------------------------------------------------
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _make_ca(d: Path, name: str) -> None:
-    _openssl(
-        *("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
-        *("-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2"),
-        *("-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE"),
-        *("-addext", "keyUsage=critical,keyCertSign,cRLSign"),
-        cwd=d,
-    )
-
-
-def _make_leaf(d: Path, name: str, ca: str, usage: str, san: str) -> None:
-    (d / f"{name}.ext").write_text(
-        f"basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\nsubjectAltName={san}\n"
-    )
-    _openssl(
-        *("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
-        *("-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}"),
-        cwd=d,
-    )
-    _openssl(
-        *("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key"),
-        *("-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext"),
-        cwd=d,
-    )
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two CAs; server certificates from each (CN server, CN rotated); a client certificate."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to generate test certificates")
-    d = tmp_path_factory.mktemp("certs")
-    _make_ca(d, "ca")
-    _make_ca(d, "ca2")
-    local = "DNS:localhost,IP:127.0.0.1"
-    _make_leaf(d, "server", "ca", "serverAuth", local)
-    _make_leaf(d, "rotated", "ca2", "serverAuth", local)
-    _make_leaf(d, "client", "ca", "clientAuth", "DNS:client")
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -124,26 +74,9 @@ def simple_request() -> pb.ModelInferRequest:
     )
 
 
-def simple_inputs() -> list[tc.InferInput]:
-    a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    inputs = [tc.InferInput(f"INPUT{i}", [1, 16], "INT32") for i in range(2)]
-    for tensor in inputs:
-        tensor.set_data_from_numpy(a)
-    return inputs
-
-
-def rpc(channel: grpc.Channel, method: str, request: Any, response: Any) -> Any:
-    call = channel.unary_unary(
-        SERVICE + method,
-        request_serializer=type(request).SerializeToString,
-        response_deserializer=response.FromString,
-    )
-    return call
-
-
 def infer(channel: grpc.Channel, metadata: Metadata | None = None) -> pb.ModelInferResponse:
-    call = rpc(channel, "ModelInfer", simple_request(), pb.ModelInferResponse)
-    return call(simple_request(), metadata=metadata, timeout=PATIENCE_S)  # type: ignore[no-any-return]
+    call = stub(channel, "ModelInfer", pb.ModelInferResponse)
+    return call(simple_request(), metadata=metadata, timeout=PATIENCE_S)
 
 
 def code_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
@@ -225,53 +158,67 @@ def eventually(check: Callable[[], bool], what: str) -> None:
 # --- TLS and mTLS --------------------------------------------------------------------------
 
 
-def test_tls_with_a_test_ca(start_server: StartServer, repository: Path, certs: Path) -> None:
+def test_tls_with_a_test_ca(
+    start_server: StartServer, repository: Path, certificates: Path
+) -> None:
     srv = start_server(
         repository,
-        *("--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key")),
+        *(
+            "--tls-cert",
+            str(certificates / "server.pem"),
+            "--tls-key",
+            str(certificates / "server.key"),
+        ),
         wait=False,
     )
-    wait_serving(srv, grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes()))
-    with tls_channel(srv, certs / "ca.pem") as channel:
+    wait_serving(srv, grpc.ssl_channel_credentials((certificates / "ca.pem").read_bytes()))
+    with tls_channel(srv, certificates / "ca.pem") as channel:
         assert infer(channel).model_name == "simple"
-    client = tc.InferenceServerClient(srv.url, ssl=True, root_certificates=str(certs / "ca.pem"))
+    client = tc.InferenceServerClient(
+        srv.url, ssl=True, root_certificates=str(certificates / "ca.pem")
+    )
     with client:
         assert client.infer("simple", simple_inputs()).as_numpy("OUTPUT0") is not None
     # Plaintext, and TLS trusting another CA, both fail at the handshake.
     with grpc.insecure_channel(srv.url) as plain:
         assert code_of(lambda: infer(plain))[0] == grpc.StatusCode.UNAVAILABLE
-    with tls_channel(srv, certs / "ca2.pem") as untrusted:
+    with tls_channel(srv, certificates / "ca2.pem") as untrusted:
         assert code_of(lambda: infer(untrusted))[0] == grpc.StatusCode.UNAVAILABLE
 
 
 def test_mtls_needs_a_client_certificate(
-    start_server: StartServer, repository: Path, certs: Path
+    start_server: StartServer, repository: Path, certificates: Path
 ) -> None:
     srv = start_server(
         repository,
-        *("--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key")),
-        *("--tls-client-ca", str(certs / "ca.pem")),
+        *(
+            "--tls-cert",
+            str(certificates / "server.pem"),
+            "--tls-key",
+            str(certificates / "server.key"),
+        ),
+        *("--tls-client-ca", str(certificates / "ca.pem")),
         wait=False,
     )
-    client_pair = (certs / "client.key", certs / "client.pem")
-    ca = (certs / "ca.pem").read_bytes()
+    client_pair = (certificates / "client.key", certificates / "client.pem")
+    ca = (certificates / "ca.pem").read_bytes()
     wait_serving(
         srv,
         grpc.ssl_channel_credentials(ca, client_pair[0].read_bytes(), client_pair[1].read_bytes()),
     )
-    with tls_channel(srv, certs / "ca.pem", client_pair) as mutual:
+    with tls_channel(srv, certificates / "ca.pem", client_pair) as mutual:
         assert infer(mutual).model_name == "simple"
-    with tls_channel(srv, certs / "ca.pem") as anonymous:
+    with tls_channel(srv, certificates / "ca.pem") as anonymous:
         assert code_of(lambda: infer(anonymous))[0] == grpc.StatusCode.UNAVAILABLE
     # A certificate from a CA the server does not trust is no better than none.
     with tls_channel(
-        srv, certs / "ca.pem", (certs / "rotated.key", certs / "rotated.pem")
+        srv, certificates / "ca.pem", (certificates / "rotated.key", certificates / "rotated.pem")
     ) as alien:
         assert code_of(lambda: infer(alien))[0] == grpc.StatusCode.UNAVAILABLE
     client = tc.InferenceServerClient(
         srv.url,
         ssl=True,
-        root_certificates=str(certs / "ca.pem"),
+        root_certificates=str(certificates / "ca.pem"),
         private_key=str(client_pair[0]),
         certificate_chain=str(client_pair[1]),
     )
@@ -280,39 +227,39 @@ def test_mtls_needs_a_client_certificate(
 
 
 def test_certificates_reload_without_restart(
-    start_server: StartServer, repository: Path, certs: Path, tmp_path: Path
+    start_server: StartServer, repository: Path, certificates: Path, tmp_path: Path
 ) -> None:
     live = tmp_path / "tls"
     live.mkdir()
-    shutil.copy(certs / "server.pem", live / "cert.pem")
-    shutil.copy(certs / "server.key", live / "key.pem")
+    shutil.copy(certificates / "server.pem", live / "cert.pem")
+    shutil.copy(certificates / "server.key", live / "key.pem")
     srv = start_server(
         repository,
         *("--tls-cert", str(live / "cert.pem"), "--tls-key", str(live / "key.pem")),
         wait=False,
     )
-    wait_serving(srv, grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes()))
-    assert presented_certificate(srv.grpc_port) == der_of(certs / "server.pem")
-    before = tls_channel(srv, certs / "ca.pem")
+    wait_serving(srv, grpc.ssl_channel_credentials((certificates / "ca.pem").read_bytes()))
+    assert presented_certificate(srv.grpc_port) == der_of(certificates / "server.pem")
+    before = tls_channel(srv, certificates / "ca.pem")
     assert infer(before).model_name == "simple"  # a connection made before the change
 
     # A half-written certificate is never used: the server keeps the current pair.
-    (live / "cert.pem").write_bytes((certs / "rotated.pem").read_bytes()[:100])
-    assert presented_certificate(srv.grpc_port) == der_of(certs / "server.pem")
+    (live / "cert.pem").write_bytes((certificates / "rotated.pem").read_bytes()[:100])
+    assert presented_certificate(srv.grpc_port) == der_of(certificates / "server.pem")
     # So is a certificate whose key has not been written yet.
-    replace_file(live / "cert.pem", (certs / "rotated.pem").read_bytes())
-    assert presented_certificate(srv.grpc_port) == der_of(certs / "server.pem")
-    with tls_channel(srv, certs / "ca.pem") as still_old:
+    replace_file(live / "cert.pem", (certificates / "rotated.pem").read_bytes())
+    assert presented_certificate(srv.grpc_port) == der_of(certificates / "server.pem")
+    with tls_channel(srv, certificates / "ca.pem") as still_old:
         assert infer(still_old).model_name == "simple"
 
-    replace_file(live / "key.pem", (certs / "rotated.key").read_bytes())
+    replace_file(live / "key.pem", (certificates / "rotated.key").read_bytes())
     eventually(
-        lambda: presented_certificate(srv.grpc_port) == der_of(certs / "rotated.pem"),
+        lambda: presented_certificate(srv.grpc_port) == der_of(certificates / "rotated.pem"),
         "new connections get the rotated certificate",
     )
-    with tls_channel(srv, certs / "ca2.pem") as trusting_new:
+    with tls_channel(srv, certificates / "ca2.pem") as trusting_new:
         assert infer(trusting_new).model_name == "simple"
-    with tls_channel(srv, certs / "ca.pem") as trusting_old:
+    with tls_channel(srv, certificates / "ca.pem") as trusting_old:
         assert code_of(lambda: infer(trusting_old))[0] == grpc.StatusCode.UNAVAILABLE
     # Connections made before keep working with the certificate they were made with.
     assert infer(before).model_name == "simple"
@@ -322,12 +269,17 @@ def test_certificates_reload_without_restart(
 
 
 def test_bad_tls_settings_stop_the_start(
-    start_server: StartServer, repository: Path, certs: Path
+    start_server: StartServer, repository: Path, certificates: Path
 ) -> None:
     cases = [
-        ("--tls-cert", str(certs / "server.pem")),  # no key
-        ("--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "rotated.key")),
-        ("--tls-client-ca", str(certs / "ca.pem")),  # mTLS without TLS
+        ("--tls-cert", str(certificates / "server.pem")),  # no key
+        (
+            "--tls-cert",
+            str(certificates / "server.pem"),
+            "--tls-key",
+            str(certificates / "rotated.key"),
+        ),
+        ("--tls-client-ca", str(certificates / "ca.pem")),  # mTLS without TLS
     ]
     for flags in cases:
         srv = start_server(repository, *flags, wait=False)
@@ -469,7 +421,7 @@ def test_calls_without_a_valid_token_are_refused(auth_server: ServerProcess) -> 
     with grpc.insecure_channel(auth_server.url) as channel:
         for metadata in presented:
             for method, request, response in requests:
-                call = rpc(channel, method, request, response)
+                call = stub(channel, method, response)
                 code, details = code_of(
                     lambda c=call, r=request, m=metadata: c(r, metadata=m, timeout=30)  # type: ignore[misc]
                 )
@@ -495,9 +447,9 @@ def test_health_needs_no_token(auth_server: ServerProcess) -> None:
         health = health_pb2_grpc.HealthStub(channel)
         reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        live = rpc(channel, "ServerLive", pb.ServerLiveRequest(), pb.ServerLiveResponse)
+        live = stub(channel, "ServerLive", pb.ServerLiveResponse)
         assert live(pb.ServerLiveRequest(), timeout=30).live
-        ready = rpc(channel, "ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse)
+        ready = stub(channel, "ServerReady", pb.ServerReadyResponse)
         assert ready(pb.ServerReadyRequest(), timeout=30).ready
     with tc.InferenceServerClient(auth_server.url) as client:
         assert client.is_server_live()
@@ -571,12 +523,7 @@ def test_control_stays_off_without_explicit_mode(
 ) -> None:
     srv = start_server(repository, "--auth-token-file", str(token_file))
     with grpc.insecure_channel(srv.url) as channel:
-        unload = rpc(
-            channel,
-            "RepositoryModelUnload",
-            pb.RepositoryModelUnloadRequest(),
-            pb.RepositoryModelUnloadResponse,
-        )
+        unload = stub(channel, "RepositoryModelUnload", pb.RepositoryModelUnloadResponse)
         code, _ = code_of(
             lambda: unload(
                 pb.RepositoryModelUnloadRequest(model_name="simple"),
@@ -614,16 +561,21 @@ def test_bad_token_files_stop_the_start(
 
 
 def test_tokens_with_tls(
-    start_server: StartServer, repository: Path, certs: Path, token_file: Path
+    start_server: StartServer, repository: Path, certificates: Path, token_file: Path
 ) -> None:
     """Tokens travel inside TLS; both checks apply."""
     srv = start_server(
         repository,
-        *("--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key")),
+        *(
+            "--tls-cert",
+            str(certificates / "server.pem"),
+            "--tls-key",
+            str(certificates / "server.key"),
+        ),
         *("--auth-token-file", str(token_file)),
         wait=False,
     )
-    wait_serving(srv, grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes()))
-    with tls_channel(srv, certs / "ca.pem") as channel:
+    wait_serving(srv, grpc.ssl_channel_credentials((certificates / "ca.pem").read_bytes()))
+    with tls_channel(srv, certificates / "ca.pem") as channel:
         assert code_of(lambda: infer(channel))[0] == UNAUTHENTICATED
         assert infer(channel, bearer(INFER_TOKEN)).model_name == "simple"
