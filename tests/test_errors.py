@@ -386,7 +386,12 @@ def test_metadata_and_config_errors(stub: Stub) -> None:
     )
     assert not stub.ModelReady(pb.ModelReadyRequest(name="nope")).ready
     assert not stub.ModelReady(pb.ModelReadyRequest(name="broken")).ready
-    assert not stub.ModelReady(pb.ModelReadyRequest(name="simple", version="x")).ready
+    # A malformed version is the caller's mistake, as in Triton (not "not ready").
+    expect_error(
+        lambda: stub.ModelReady(pb.ModelReadyRequest(name="simple", version="x")),
+        INVALID,
+        ["'x'", "version number"],
+    )
     assert_serving(stub)
 
 

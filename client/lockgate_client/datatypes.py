@@ -105,15 +105,18 @@ def serialize_bytes(array: npt.NDArray[np.generic]) -> bytes:
     objects (numbers...) as the UTF-8 of ``str(item)``, as tritonclient does
     (``bytes(3)`` would be three zero bytes, never what a caller meant).
     """
-    parts: list[bytes] = []
+    # One growing buffer, not a list of two objects per element: a million
+    # short elements would cost ~100 MB of small objects before the join.
+    out = bytearray()
+    pack = _LENGTH.pack
     for item in array.reshape(-1):
         if isinstance(item, bytes | bytearray | memoryview | np.bytes_):
             data = bytes(item)
         else:
             data = str(item).encode("utf-8")
-        parts.append(_LENGTH.pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
+        out += pack(len(data))
+        out += data
+    return bytes(out)
 
 
 def deserialize_bytes(buffer: bytes | memoryview, count: int) -> npt.NDArray[np.object_]:

@@ -177,16 +177,17 @@ class Scheduler:
         self.preserve_ordering = dynamic and batching.preserve_ordering
         count = int(batching.priority_levels) if dynamic and batching.priority_levels else 1
         self.default_level = int(batching.default_priority_level or 1) if count > 1 else 1
-        default_policy = QueuePolicy.from_proto(batching.default_queue_policy)
-        #: Index 0 is priority level 1, the highest.
-        self._levels = [
-            Level(
-                QueuePolicy.from_proto(batching.priority_queue_policy[number])
-                if number in batching.priority_queue_policy
-                else default_policy
-            )
-            for number in range(1, count + 1)
-        ]
+        self.level_count = count
+        self._default_policy = QueuePolicy.from_proto(batching.default_queue_policy)
+        self._policies = {
+            int(number): QueuePolicy.from_proto(policy)
+            for number, policy in batching.priority_queue_policy.items()
+        }
+        #: Levels are made when a request first uses them: a config may declare
+        #: many more levels than its callers ever use.
+        self._levels: dict[int, Level] = {}
+        #: The levels made so far, highest priority (level 1) first.
+        self._ordered: list[Level] = []
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._delay_timer: asyncio.TimerHandle | None = None
         self._delay_due_ns = 0
@@ -211,7 +212,7 @@ class Scheduler:
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
         number = self._level_number(request)
-        level = self._levels[number - 1]
+        level = self._levels.get(number) or self._new_level(number)
         policy = level.policy
         if policy.max_queue_size and len(level) >= policy.max_queue_size:
             raise QueueFullError(
@@ -236,9 +237,15 @@ class Scheduler:
 
     def _level_number(self, request: InferRequest) -> int:
         # Triton: priority 0 and out-of-range priorities take the default level.
-        if not request.priority or request.priority > len(self._levels):
+        if not request.priority or request.priority > self.level_count:
             return self.default_level
         return request.priority
+
+    def _new_level(self, number: int) -> Level:
+        level = Level(self._policies.get(number, self._default_policy))
+        self._levels[number] = level
+        self._ordered = [self._levels[n] for n in sorted(self._levels)]
+        return level
 
     def _on_done(
         self, request: InferRequest, level: Level, future: asyncio.Future[Outputs]
@@ -281,7 +288,7 @@ class Scheduler:
 
     def _queues(self) -> Iterator[deque[InferRequest]]:
         """Every queue in serving order: by level, each level's delayed ones last."""
-        for level in self._levels:
+        for level in self._ordered:
             yield level.queue
             yield level.delayed
 
@@ -457,7 +464,7 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        return sum(len(level) for level in self._levels)
+        return sum(len(level) for level in self._ordered)
 
     @property
     def pending(self) -> int:

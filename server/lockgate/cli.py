@@ -121,6 +121,25 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         help="longest BYTES element (in bytes) an input may hold",
     )
     net.add_argument(
+        "--max-bytes-tensor-elements",
+        type=int,
+        default=_env("max-bytes-tensor-elements", ServerConfig.max_bytes_tensor_elements),
+        help="most elements one BYTES input may hold (each costs a Python object)",
+    )
+    net.add_argument(
+        "--max-stream-requests",
+        type=int,
+        default=_env("max-stream-requests", ServerConfig.max_stream_requests),
+        help="requests one ModelStreamInfer stream may have running or answered but unread; "
+        "past it the stream is not read (backpressure)",
+    )
+    net.add_argument(
+        "--max-health-watches",
+        type=int,
+        default=_env("max-health-watches", ServerConfig.max_health_watches),
+        help="concurrent grpc.health.v1 Watch streams (open to callers without a token)",
+    )
+    net.add_argument(
         "--grpc-max-connection-age",
         type=float,
         default=_env("grpc-max-connection-age", None),
@@ -217,6 +236,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_concurrent_streams=int(args.max_concurrent_streams),
         max_tensor_elements=int(args.max_tensor_elements),
         max_bytes_element=int(args.max_bytes_element),
+        max_bytes_tensor_elements=int(args.max_bytes_tensor_elements),
+        max_stream_requests=int(args.max_stream_requests),
+        max_health_watches=int(args.max_health_watches),
         log_format=args.log_format,
         log_level=args.log_level,
         trace=bool(args.trace),

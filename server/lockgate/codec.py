@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from lockgate.errors import InvalidInputError, UnsupportedError
+from lockgate.errors import InvalidInputError, UnsupportedError, clip
 from lockgate.request import Array, InferRequest
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client.datatypes import (
@@ -58,6 +58,9 @@ class Limits:
     max_batch_size: int
     max_elements: int = 2**28
     max_bytes_element: int = 64 * 2**20
+    #: Most elements one BYTES input may hold: each becomes a Python object
+    #: (~60 bytes) however short it is on the wire (4 bytes).
+    max_bytes_elements: int = 2**20
 
 
 # Integer ranges for typed contents narrower than their protobuf field.
@@ -77,6 +80,11 @@ def decode_request(
     """Validate ``request`` against the model and build an ``InferRequest``."""
     # upb builds a new Python object on every field access: read each once.
     tensors = request.inputs
+    if len(tensors) > len(inputs):
+        # Before iterating: millions of empty entries must cost nothing.
+        raise InvalidInputError(
+            f"the request has {len(tensors)} inputs but the model has only {len(inputs)}"
+        )
     for tensor in tensors:
         if tensor.parameters:
             _check_tensor_parameters(tensor.name, "input", tensor.parameters)
@@ -97,7 +105,7 @@ def decode_request(
         spec = inputs.get(name)
         if spec is None:
             raise InvalidInputError(
-                f"unexpected input '{name}': the model's inputs are {sorted(inputs)}"
+                f"unexpected input '{clip(name)}': the model's inputs are {sorted(inputs)}"
             )
         if name in arrays:
             raise InvalidInputError(f"input '{name}' is given more than once")
@@ -110,12 +118,17 @@ def decode_request(
             and shape[1:] == spec.dims
             and 1 <= shape[0] <= limits.max_batch_size
             and shape[0] * spec.row_elements <= limits.max_elements
+            and (
+                spec.datatype != "BYTES"
+                or shape[0] * spec.row_elements <= limits.max_bytes_elements
+            )
         ):
             shape = _check_shape(tensor, spec, limits)
         datatype = tensor.datatype
         if datatype != spec.datatype:
             raise InvalidInputError(
-                f"input '{name}' has datatype {datatype or '(empty)'}, expected {spec.datatype}"
+                f"input '{name}' has datatype {clip(datatype) or '(empty)'}, "
+                f"expected {spec.datatype}"
             )
         if raw:
             if tensor.HasField("contents"):
@@ -180,20 +193,33 @@ def _check_shape(
         want != -1 and got != want for got, want in zip(shape, expected, strict=True)
     ):
         raise InvalidInputError(
-            f"input '{tensor.name}' has shape {list(shape)}, expected {list(expected)}"
-            + (" (first dimension is the batch size)" if batched else "")
+            f"input '{tensor.name}' has shape {clip(str(list(shape)))}, expected "
+            f"{list(expected)}" + (" (first dimension is the batch size)" if batched else "")
         )
     if any(d < 0 for d in shape):
         raise InvalidInputError(f"input '{tensor.name}' has a negative dimension: {list(shape)}")
+    # Each dimension on its own too: with another one 0 the product passes,
+    # yet numpy cannot make an array with a dimension this large.
+    if any(d > limits.max_elements for d in shape):
+        raise InvalidInputError(
+            f"input '{tensor.name}' has shape {list(shape)}: a dimension exceeds the "
+            f"server's limit of {limits.max_elements} elements"
+        )
     if batched and not 1 <= shape[0] <= limits.max_batch_size:
         raise InvalidInputError(
             f"input '{tensor.name}' has batch size {shape[0]}, which is outside "
             f"1..max_batch_size ({limits.max_batch_size})"
         )
-    if math.prod(shape) > limits.max_elements:
+    count = math.prod(shape)
+    if count > limits.max_elements:
         raise InvalidInputError(
-            f"input '{tensor.name}' has {math.prod(shape)} elements, more than the "
+            f"input '{tensor.name}' has {count} elements, more than the "
             f"server's limit of {limits.max_elements}"
+        )
+    if spec.datatype == "BYTES" and count > limits.max_bytes_elements:
+        raise InvalidInputError(
+            f"input '{tensor.name}' has {count} BYTES elements, more than the "
+            f"server's limit of {limits.max_bytes_elements}"
         )
     return shape
 
@@ -283,16 +309,23 @@ def _bytes_to_text(items: Array, name: str, limits: Limits | None) -> Array:
 def _requested_outputs(
     request: pb.ModelInferRequest, output_names: frozenset[str]
 ) -> list[str] | None:
-    if not request.outputs:
+    outputs = request.outputs
+    if not outputs:
         return None
-    names = [o.name for o in request.outputs]
-    for output in request.outputs:
+    if len(outputs) > len(output_names):
+        raise InvalidInputError(
+            f"the request asks for {len(outputs)} outputs but the model has only "
+            f"{len(output_names)}"
+        )
+    names = [o.name for o in outputs]
+    for output in outputs:
         if output.parameters:
             _check_tensor_parameters(output.name, "output", output.parameters)
     for name in names:
         if name not in output_names:
             raise InvalidInputError(
-                f"unknown output '{name}' requested: the model's outputs are {sorted(output_names)}"
+                f"unknown output '{clip(name)}' requested: the model's outputs are "
+                f"{sorted(output_names)}"
             )
     if len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)
@@ -311,7 +344,7 @@ _UNSUPPORTED_PARAMETERS = {
 def _check_tensor_parameters(name: str, kind: str, parameters: Any) -> None:
     for key, why in _UNSUPPORTED_PARAMETERS.items():
         if key in parameters:
-            raise UnsupportedError(f"{kind} '{name}' has parameter '{key}': {why}")
+            raise UnsupportedError(f"{kind} '{clip(name)}' has parameter '{key}': {why}")
 
 
 def encode_response(

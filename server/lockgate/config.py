@@ -35,6 +35,10 @@ MAX_MESSAGE_BYTES = 2**31 - 1
 #: Default ceiling: room for large batches, yet bounded memory per request.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 
+#: Most priority levels a dynamic_batching config may declare (Triton allows
+#: any uint64; real configs use a handful).
+MAX_PRIORITY_LEVELS = 2**16
+
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 DEFAULT_MODEL_FILENAME = "model.onnx"
@@ -71,7 +75,10 @@ class ServerConfig:
     auth_token_file: str | None = None
     max_tensor_elements: int = 2**28
     max_bytes_element: int = 64 * 2**20
+    max_bytes_tensor_elements: int = 2**20
     max_concurrent_streams: int = 1024
+    max_stream_requests: int = 64
+    max_health_watches: int = 64
 
 
 # --- model configuration ---------------------------------------------------
@@ -296,6 +303,11 @@ def validate_config(config: mc.ModelConfig) -> None:
                 f"model '{name}': preferred_batch_size {size} must be in "
                 f"1..max_batch_size ({config.max_batch_size})"
             )
+    if batching.priority_levels > MAX_PRIORITY_LEVELS:
+        raise ModelLoadError(
+            f"model '{name}': priority_levels is {batching.priority_levels}, more than "
+            f"Lockgate's limit of {MAX_PRIORITY_LEVELS}"
+        )
     if batching.priority_levels and not (
         1 <= (batching.default_priority_level or 1) <= batching.priority_levels
     ):

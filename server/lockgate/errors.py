@@ -9,6 +9,20 @@ from __future__ import annotations
 
 import grpc
 
+#: Longest client-chosen string (model name, request id, version...) echoed
+#: into a message or a log line.
+CLIP_CHARS = 128
+#: Longest status message: gRPC sends it as metadata, whose default limit is
+#: 8 KiB; a longer one would turn the intended status into RESOURCE_EXHAUSTED.
+MAX_MESSAGE_CHARS = 2048
+
+
+def clip(text: str, limit: int = CLIP_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...({len(text) - limit} more characters)"
+
 
 class LockgateError(Exception):
     """Base class: an error with a message meant for the caller."""
@@ -16,6 +30,7 @@ class LockgateError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
 
@@ -23,6 +38,12 @@ class LockgateError(Exception):
     def reason(self) -> str:
         """Short label for metrics (``nv_inference_request_failure{reason}``)."""
         return self.code.name
+
+
+class InternalError(LockgateError):
+    """A bug of ours, caught at the edge so that the server keeps serving."""
+
+    code = grpc.StatusCode.INTERNAL
 
 
 class InvalidInputError(LockgateError):

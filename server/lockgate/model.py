@@ -159,6 +159,7 @@ class ModelVersion:
                 max_batch_size=config.max_batch_size,
                 max_elements=server.max_tensor_elements,
                 max_bytes_element=server.max_bytes_element,
+                max_bytes_elements=server.max_bytes_tensor_elements,
             ),
             output_datatypes={n: s.datatype for n, s in outputs.items()},
             stop=stop,

@@ -32,6 +32,7 @@ from lockgate.errors import (
     ModelLoadError,
     ModelNotFoundError,
     ModelUnavailableError,
+    clip,
 )
 from lockgate.model import ModelVersion, ServerStop
 from lockgate_client._proto import model_config_pb2 as mc
@@ -43,6 +44,12 @@ LOADING = "LOADING"
 UNLOADING = "UNLOADING"
 UNAVAILABLE = "UNAVAILABLE"
 
+#: Versions are int64 in Triton: 19 digits. Longer strings are refused before
+#: int() sees them (Python refuses to convert more than 4300 digits).
+MAX_VERSION_DIGITS = 19
+#: Upload paths (``file:`` load parameters): a model directory is shallow.
+MAX_UPLOAD_PATH_CHARS = 1024
+MAX_UPLOAD_PATH_DEPTH = 16
 #: Upper bound on the bytes one RepositoryModelLoad may write to disk.
 MAX_LOAD_FILE_BYTES = 2**31 - 1
 
@@ -135,11 +142,14 @@ class ModelRepository:
                 return model
         entry = self._entries.get(name)
         if entry is None:
-            raise ModelNotFoundError(f"unknown model '{name}'")
+            raise ModelNotFoundError(f"unknown model '{clip(name)}'")
         if not version:
             raise ModelUnavailableError(f"model '{name}' has no ready version{_why(entry)}")
-        if not _is_number(version):
-            raise InvalidInputError(f"model version '{version}' is not a version number")
+        if not _is_number(version) or len(version) > MAX_VERSION_DIGITS:
+            raise InvalidInputError(
+                f"model version {clip(version)!r} is not a version number "
+                f"(at most {MAX_VERSION_DIGITS} digits)"
+            )
         state = entry.versions.get(int(version))
         if state is None:
             raise ModelNotFoundError(f"model '{name}' has no version {version}")
@@ -213,7 +223,7 @@ class ModelRepository:
         wanted = list(sources) if names is None else list(names)
         for name in wanted:
             if name not in sources:
-                raise ModelNotFoundError(f"no model '{name}' in the model repository")
+                raise ModelNotFoundError(f"no model '{clip(name)}' in the model repository")
         # Wait for every load, not just the first failure: readiness and
         # per-model health are published once this returns.
         results = await asyncio.gather(
@@ -250,7 +260,7 @@ class ModelRepository:
             else:
                 sources = sources if sources is not None else self.discover()
                 if name not in sources:
-                    raise ModelNotFoundError(f"no model '{name}' in the model repository")
+                    raise ModelNotFoundError(f"no model '{clip(name)}' in the model repository")
                 source = sources[name]
             entry = self._entries.get(name)
             old = dict(entry.versions) if entry else {}
@@ -341,7 +351,7 @@ class ModelRepository:
         async with self._locks.setdefault(name, asyncio.Lock()):
             entry = self._entries.get(name)
             if entry is None:
-                raise ModelNotFoundError(f"unknown model '{name}'")
+                raise ModelNotFoundError(f"unknown model '{clip(name)}'")
             models = [s.model for s in entry.versions.values() if s.model is not None]
             for state in entry.versions.values():
                 state.state = UNLOADING
@@ -434,7 +444,7 @@ def write_model_files(name: str, files: dict[str, bytes]) -> Path:
     anything that resolves outside it are refused before anything is written.
     """
     if not name or any(c in name for c in "/\\\0") or name in (".", ".."):
-        raise InvalidInputError(f"invalid model name {name!r}")
+        raise InvalidInputError(f"invalid model name {clip(name)!r}")
     total = sum(len(b) for b in files.values())
     if total > MAX_LOAD_FILE_BYTES:
         raise InvalidInputError(
@@ -455,7 +465,7 @@ def write_model_files(name: str, files: dict[str, bytes]) -> Path:
     except OSError as exc:  # a path that is both a file and a directory, too long...
         shutil.rmtree(root, ignore_errors=True)
         raise InvalidInputError(
-            f"cannot write model file {relative!r}: {exc.strerror or exc}"
+            f"cannot write model file {clip(relative)!r}: {exc.strerror or exc}"
         ) from None
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
@@ -464,6 +474,12 @@ def write_model_files(name: str, files: dict[str, bytes]) -> Path:
 
 
 def _safe_path(model_dir: Path, relative: str) -> Path:
+    if len(relative) > MAX_UPLOAD_PATH_CHARS or relative.count("/") >= MAX_UPLOAD_PATH_DEPTH:
+        # Before PurePosixPath and mkdir: thousands of levels exhaust recursion.
+        raise InvalidInputError(
+            f"file path {clip(relative)!r} is too long: at most {MAX_UPLOAD_PATH_CHARS} "
+            f"characters and {MAX_UPLOAD_PATH_DEPTH} levels"
+        )
     pure = PurePosixPath(relative)
     if (
         not pure.parts
@@ -473,9 +489,9 @@ def _safe_path(model_dir: Path, relative: str) -> Path:
         or "\0" in relative
     ):
         raise InvalidInputError(
-            f"file path '{relative}' must be relative to the model directory, without '..'"
+            f"file path {clip(relative)!r} must be relative to the model directory, without '..'"
         )
     target = model_dir.joinpath(*pure.parts)
     if not target.resolve().is_relative_to(model_dir.resolve()):
-        raise InvalidInputError(f"file path '{relative}' leaves the model directory")
+        raise InvalidInputError(f"file path {clip(relative)!r} leaves the model directory")
     return target

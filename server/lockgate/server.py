@@ -19,12 +19,13 @@ import time
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from lockgate import tracing
 from lockgate.config import ServerConfig
 from lockgate.errors import LockgateError
+from lockgate.health import HealthServicer, add_health_to_server
 from lockgate.poller import RepositoryPoller
 from lockgate.repository import ModelRepository
 from lockgate.servicer import ServerState, Servicer, add_to_server
@@ -69,7 +70,7 @@ class LockgateServer:
         self.state.control_enabled = config.model_control_mode == "explicit"
         self.state.on_models_changed = self.update_health
         self.repository = ModelRepository(config)
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.health = HealthServicer(config.max_health_watches)
         self.grpc_port = 0
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Event | None = None
@@ -98,7 +99,7 @@ class LockgateServer:
         interceptors = auth_interceptors(self.config)
         server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
         add_to_server(Servicer(self.repository, self.state), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        add_health_to_server(self.health, server)
         reflection.enable_server_reflection(
             [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )

@@ -8,6 +8,7 @@ that maps error kinds to codes; streaming RPCs report them in-band instead.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,11 +21,14 @@ from google.protobuf.message import DecodeError
 from lockgate import __version__, tracing
 from lockgate.codec import decode_request, encode_response
 from lockgate.errors import (
+    InternalError,
     InvalidInputError,
     LockgateError,
+    ModelNotFoundError,
     ModelUnavailableError,
     NotAllowedError,
     UnsupportedError,
+    clip,
 )
 from lockgate.model import ModelVersion
 from lockgate.repository import ModelRepository
@@ -107,10 +111,13 @@ class Servicer(service.GRPCInferenceServiceServicer):
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> Any:
         return pb.ServerReadyResponse(ready=self._state.ready and not self._state.draining)
 
+    @_status
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> Any:
+        # A model that is missing or not ready is an answer (ready=false), as in
+        # Triton; a malformed version is the caller's mistake (INVALID_ARGUMENT).
         try:
             self._repository.get(request.name, request.version)
-        except LockgateError:
+        except (ModelNotFoundError, ModelUnavailableError):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=not self._state.draining)
 
@@ -162,12 +169,18 @@ class Servicer(service.GRPCInferenceServiceServicer):
         start = time.monotonic_ns()
         try:
             model = self._repository.get(request.model_name, request.model_version)
-            decoded = _decode(model, request, start)
+            if _heavy_request(request, model):
+                # Seconds of work for a large request: in a thread, so that
+                # nobody else's request (nor a health check) waits behind it.
+                decoded = await asyncio.to_thread(_decode, model, request, start)
+            else:
+                decoded = _decode(model, request, start)
             decoded.deadline = deadline
             if trace is not None:
                 trace.attach(decoded)
             outputs = await model.infer(decoded)
-            return encode_response(
+            encode = functools.partial(
+                encode_response,
                 model.name,
                 model.version,
                 decoded.request_id,
@@ -175,6 +188,9 @@ class Servicer(service.GRPCInferenceServiceServicer):
                 model.output_datatypes,
                 decoded.outputs or model.output_order,
             )
+            if _heavy_outputs(outputs):
+                return await asyncio.to_thread(encode)
+            return encode()
         except LockgateError as exc:
             _log_failure(request, exc.reason, exc.message)
             raise
@@ -201,9 +217,17 @@ class Servicer(service.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests run concurrently; each answer (or in-band error) as soon as ready."""
+        """Requests run concurrently; each answer (or in-band error) as soon as ready.
+
+        Backpressure: at most ``max_stream_requests`` requests are running or
+        answered-but-unsent at a time; past that the stream is not read, so a
+        client that sends without reading its answers is held back by HTTP/2
+        flow control instead of growing the server's memory.
+        """
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
+        # One slot per request from reading it until its answer is handed to gRPC.
+        slots = asyncio.Semaphore(self._repository.config.max_stream_requests)
         metadata = context.invocation_metadata() if tracing.enabled else None
 
         async def answer(request: pb.ModelInferRequest) -> None:
@@ -216,27 +240,25 @@ class Servicer(service.GRPCInferenceServiceServicer):
                     result = await self._infer(request, None)
                 responses.put_nowait(pb.ModelStreamInferResponse(infer_response=result))
             except LockgateError as exc:
+                responses.put_nowait(_stream_error(request, exc))
+            except Exception as exc:  # a bug of ours: this request fails, the stream goes on
+                log.exception("internal error in ModelStreamInfer")
                 responses.put_nowait(
-                    pb.ModelStreamInferResponse(
-                        error_message=in_band(exc),
-                        infer_response=pb.ModelInferResponse(
-                            model_name=request.model_name,
-                            model_version=request.model_version,
-                            id=request.id,
-                        ),
-                    )
+                    _stream_error(request, InternalError(f"internal error: {exc}"))
                 )
 
         broken: list[LockgateError] = []
 
         async def read() -> None:
             try:
+                await slots.acquire()
                 async for request in request_iterator:
                     if isinstance(request, Unparsable):
                         raise request.error
                     task = asyncio.create_task(answer(request))
                     running.add(task)
                     task.add_done_callback(running.discard)
+                    await slots.acquire()
                 if running:
                     await asyncio.gather(*running, return_exceptions=True)
             except LockgateError as exc:  # the stream itself is broken: end it
@@ -247,7 +269,10 @@ class Servicer(service.GRPCInferenceServiceServicer):
         reader = asyncio.create_task(read())
         try:
             while (response := await responses.get()) is not None:
+                # Returns once gRPC has taken the message: a client that does
+                # not read holds it here, and with it the slot.
                 yield response
+                slots.release()
             if broken:
                 await _abort(context, broken[0])
         finally:
@@ -351,6 +376,16 @@ class Servicer(service.GRPCInferenceServiceServicer):
         )
 
 
+def _stream_error(request: pb.ModelInferRequest, error: LockgateError) -> Any:
+    """The in-band answer to a stream request that failed."""
+    return pb.ModelStreamInferResponse(
+        error_message=in_band(error),
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        ),
+    )
+
+
 def _log_failure(request: pb.ModelInferRequest, reason: str, message: str) -> None:
     """One line per failed inference (never per success: the hot path stays quiet).
 
@@ -358,20 +393,52 @@ def _log_failure(request: pb.ModelInferRequest, reason: str, message: str) -> No
     unknown model, a deadline) and a misbehaving client must not flood the
     warnings; errors of the server itself are logged at ERROR where they occur.
     """
+    request_id, model = clip(request.id), clip(request.model_name)
     log.info(
         "inference request %r to %s failed: %s: %s",
-        request.id,
-        request.model_name,
+        request_id,
+        model,
         reason,
         message,
         extra={
             "event": "request_failed",
-            "request_id": request.id,
-            "model": request.model_name,
-            "version": request.model_version,
+            "request_id": request_id,
+            "model": model,
+            "version": clip(request.model_version),
             "reason": reason,
         },
     )
+
+
+#: Decoding or encoding more than this runs in a thread: BYTES elements and
+#: typed contents cost Python work per element, raw fixed-size tensors only a
+#: copy at most.
+HEAVY_ELEMENT_BYTES = 64 * 2**10
+HEAVY_RAW_BYTES = 16 * 2**20
+
+
+def _heavy_request(request: pb.ModelInferRequest, model: ModelVersion) -> bool:
+    """Whether decoding ``request`` is worth a trip to a worker thread."""
+    tensors = request.inputs
+    if len(tensors) > len(model.inputs):
+        return False  # refused at once by the decoder
+    raw = request.raw_input_contents
+    if len(raw) == len(tensors):
+        return any(
+            len(data) > (HEAVY_ELEMENT_BYTES if tensor.datatype == "BYTES" else HEAVY_RAW_BYTES)
+            for tensor, data in zip(tensors, raw, strict=True)
+        )
+    return any(tensor.contents.ByteSize() > HEAVY_ELEMENT_BYTES for tensor in tensors)
+
+
+def _heavy_outputs(outputs: dict[str, Any]) -> bool:
+    """Whether encoding ``outputs`` is worth a trip to a worker thread."""
+    total = 0
+    for array in outputs.values():
+        if array.dtype.kind == "O" and array.nbytes > HEAVY_ELEMENT_BYTES:
+            return True  # object pointers: a BYTES output of more than 8192 elements
+        total += array.nbytes
+    return total > HEAVY_RAW_BYTES
 
 
 def _decode(model: ModelVersion, request: pb.ModelInferRequest, start_ns: int) -> Any:
