@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, launch_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import ServerProcess, launch_server
 
 from lockgate.batcher import Scheduler
 from lockgate.config import MAX_PRIORITY_LEVELS, validate_config
