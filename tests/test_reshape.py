@@ -16,10 +16,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import tritonclient.grpc as tc
-from conftest import ServerProcess, launch_server
 from hypothesis import given
 from hypothesis import strategies as st
 from onnx import helper
+from support import ServerProcess, launch_server
 from tritonclient.utils import InferenceServerException
 
 from lockgate.errors import ModelLoadError
