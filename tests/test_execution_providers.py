@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from conftest import ServerProcess
 from onnx import helper
+from support import ServerProcess, launch_server
 
 from lockgate.errors import ModelLoadError
 from lockgate.providers import CPU, CUDA, TENSORRT, resolve
@@ -173,8 +173,6 @@ BINDING_ON = 'parameters { key: "io_binding" value: { string_value: "1" } }'
 def options_server(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Any:
-    from conftest import launch_server
-
     repo = tmp_path_factory.mktemp("providers")
     add_model(repo, "gpu_options", GPU_OPTIONS + BINDING_ON)
     add_model(repo, "bound_fp16", BINDING_ON, "TYPE_FP16")
