@@ -805,12 +805,13 @@ PROMTOOL_TESTS: Obj = {
                     "values": "0+2x30",
                 },
                 {
-                    "series": 'lockgate_model_ready{namespace="ml",pod="p",model="m",version="1"}',
+                    "series": 'lockgate_model_ready{namespace="ml",pod="p",model="m",version="1",'
+                    'state="READY"}',
                     "values": "1x30",
                 },
                 {
                     "series": 'lockgate_model_ready{namespace="ml",pod="p",model="broken",'
-                    'version="1"}',
+                    'version="1",state="UNAVAILABLE"}',
                     "values": "0x30",
                 },
             ],
@@ -842,6 +843,7 @@ PROMTOOL_TESTS: Obj = {
                                 "pod": "p",
                                 "model": "broken",
                                 "version": "1",
+                                "state": "UNAVAILABLE",
                             },
                             "exp_annotations": {
                                 "summary": "Lockgate model broken v1 not ready on p",
@@ -853,8 +855,87 @@ PROMTOOL_TESTS: Obj = {
                 },
                 {"eval_time": "20m", "alertname": "LockgateMetricsAbsent", "exp_alerts": []},
                 {"eval_time": "20m", "alertname": "LockgateHighQueueTime", "exp_alerts": []},
+                {"eval_time": "20m", "alertname": "LockgateNoTraffic", "exp_alerts": []},
             ],
-        }
+        },
+        {
+            # A ready model nobody calls, a queue that stays long, then no scrapes.
+            "interval": "1m",
+            "input_series": [
+                {
+                    "series": 'nv_inference_request_success{namespace="ml",pod="p",model="idle",'
+                    'version="1"}',
+                    "values": "7x70",
+                },
+                {
+                    "series": 'lockgate_model_ready{namespace="ml",pod="p",model="idle",'
+                    'version="1",state="READY"}',
+                    "values": "1x70 _x30",
+                },
+                {
+                    "series": 'nv_inference_pending_request_count{namespace="ml",pod="p",'
+                    'model="idle",version="1"}',
+                    "values": "150x20",
+                },
+            ],
+            "alert_rule_test": [
+                {"eval_time": "5m", "alertname": "LockgatePendingRequestsHigh", "exp_alerts": []},
+                {
+                    "eval_time": "15m",
+                    "alertname": "LockgatePendingRequestsHigh",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                "severity": "warning",
+                                "namespace": "ml",
+                                "pod": "p",
+                                "model": "idle",
+                            },
+                            "exp_annotations": {
+                                "summary": "Lockgate model idle: over 100 requests pending on p",
+                                "description": "150 requests for idle wait in the batch queue "
+                                "on p. Clients may be pinned to one pod (check the load "
+                                "balancing set-up) or the service needs more replicas.",
+                            },
+                        }
+                    ],
+                },
+                # Flat from the start: rate() is 0 from 1m on, plus `for: 30m`.
+                {"eval_time": "25m", "alertname": "LockgateNoTraffic", "exp_alerts": []},
+                {
+                    "eval_time": "40m",
+                    "alertname": "LockgateNoTraffic",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {"severity": "info", "namespace": "ml", "model": "idle"},
+                            "exp_annotations": {
+                                "summary": "Lockgate model idle: ready but no successful "
+                                "requests for 1 hour",
+                                "description": "idle in ml is loaded and ready but served no "
+                                "successful request. Clients may be pointed elsewhere, or every "
+                                "request fails.",
+                            },
+                        }
+                    ],
+                },
+                {"eval_time": "80m", "alertname": "LockgateMetricsAbsent", "exp_alerts": []},
+                {
+                    "eval_time": "95m",
+                    "alertname": "LockgateMetricsAbsent",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {"severity": "warning"},
+                            "exp_annotations": {
+                                "summary": "No Lockgate metrics are being scraped",
+                                "description": "Prometheus has no lockgate_model_ready series "
+                                "at all: every Lockgate pod is down, or the ServiceMonitor / "
+                                "scrape config no longer reaches port 8002.",
+                            },
+                        }
+                    ],
+                },
+            ],
+        },
     ],
 }
 

@@ -9,6 +9,7 @@ own batch.
 from __future__ import annotations
 
 import concurrent.futures
+import shutil
 import sys
 import types
 import urllib.error
@@ -24,6 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from support import ROOT, ServerProcess, launch_server, scrape, simple_inputs
 from tritonclient.utils import InferenceServerException
+
+from lockgate.errors import FAILURE_REASONS
 
 DURATION_BUCKETS = "0.0005,0.005,0.05,0.5,5"
 BATCH_BUCKETS = "1,2,4,8"
@@ -118,15 +121,21 @@ def test_counters_after_sequential_requests(
     assert counter(text, "nv_inference_request_success", "simple") == n
     assert counter(text, "nv_inference_count", "simple") == n * rows
     assert counter(text, "nv_inference_exec_count", "simple") == n
-    failures = [s for s in samples(text) if s.name == "nv_inference_request_failure_total"]
-    assert not [s for s in failures if s.labels["model"] == "simple"]
+    # Every failure reason is there from the start, at zero: rate() over a
+    # series that appears only at the first failure shows no data.
+    failures = {
+        s.labels["reason"]: s.value
+        for s in samples(text)
+        if s.name == "nv_inference_request_failure_total" and s.labels["model"] == "simple"
+    }
+    assert failures == dict.fromkeys(FAILURE_REASONS, 0)
     for name in TRITON_COUNTERS[4:]:
         total = counter(text, name, "simple")
         assert total is not None and total >= 0, name
     assert (counter(text, "nv_inference_request_duration_us", "simple") or 0) > 0
     assert value(text, "nv_inference_pending_request_count", model="simple", version="1") == 0
     assert (value(text, "nv_model_load_duration_secs", model="simple", version="1") or 0) > 0
-    assert value(text, "lockgate_model_ready", model="simple", version="1") == 1
+    assert value(text, "lockgate_model_ready", model="simple", version="1", state="READY") == 1
 
 
 def test_histograms_count_every_request_and_execution(
@@ -180,6 +189,36 @@ def test_failures_counted_by_reason(
     # Requests for a model that does not exist are counted nowhere: there is
     # no model (and version) to label them with, as in Triton.
     assert "no_such_model" not in text
+
+
+def test_every_known_version_reports_readiness(
+    model_repository: Path, metrics_server: ServerProcess, tmp_path: Path
+) -> None:
+    """A failed version shows 0 (so the not-ready alert can fire), a ready one 1."""
+    text = scrape(metrics_server)
+    ready = {
+        (s.labels["model"], s.labels["version"]): (s.labels["state"], s.value)
+        for s in samples(text)
+        if s.name == "lockgate_model_ready"
+    }
+    assert ready[("simple", "1")] == ("READY", 1)
+    assert ready[("broken", "1")] == ("UNAVAILABLE", 0)
+    # Statistics exist only for versions that loaded.
+    assert counter(text, "nv_inference_request_success", "broken") is None
+
+    # A model whose config cannot be read has no known version: version "".
+    repo = tmp_path / "repo"
+    (repo / "garbled" / "1").mkdir(parents=True)
+    (repo / "garbled" / "config.pbtxt").write_text("this is { not a config")
+    shutil.copytree(model_repository / "simple", repo / "simple")
+    server = launch_server(repo, tmp_path)
+    try:
+        text = scrape(server)
+    finally:
+        server.stop()
+    garbled = {"model": "garbled", "version": "", "state": "UNAVAILABLE"}
+    assert value(text, "lockgate_model_ready", **garbled) == 0
+    assert value(text, "lockgate_model_ready", model="simple", version="1", state="READY") == 1
 
 
 def test_pending_count_returns_to_zero_after_a_burst(metrics_server: ServerProcess) -> None:

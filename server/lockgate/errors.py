@@ -24,6 +24,21 @@ def clip(text: str, limit: int = CLIP_CHARS) -> str:
     return f"{text[:limit]}...({len(text) - limit} more characters)"
 
 
+#: Every ``reason`` a request to a loaded model can fail with (status code names).
+#: /metrics shows ``nv_inference_request_failure`` for each from the start, at
+#: zero: a series that appears only at the first failure leaves rate() and the
+#: dashboard's sums empty on a healthy server.
+FAILURE_REASONS = (
+    "INVALID_ARGUMENT",
+    "UNIMPLEMENTED",
+    "RESOURCE_EXHAUSTED",
+    "DEADLINE_EXCEEDED",
+    "CANCELLED",
+    "UNAVAILABLE",
+    "INTERNAL",
+)
+
+
 class LockgateError(Exception):
     """Base class: an error with a message meant for the caller."""
 

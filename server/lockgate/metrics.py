@@ -31,7 +31,7 @@ from prometheus_client.utils import floatToGoString
 from lockgate.config import ServerConfig
 from lockgate.gpu import Gpus, open_gpus
 from lockgate.model import ModelVersion
-from lockgate.repository import ModelRepository
+from lockgate.repository import READY, ModelRepository
 from lockgate.stats import Histogram
 
 log = logging.getLogger("lockgate.metrics")
@@ -40,7 +40,7 @@ LABELS = ["model", "version"]
 
 
 class ModelCollector(Collector):
-    """Exposes every ready model version's statistics."""
+    """Every ready model version's statistics, and every known version's readiness."""
 
     def __init__(self, repository: ModelRepository) -> None:
         self._repository = repository
@@ -79,8 +79,12 @@ class ModelCollector(Collector):
             "nv_model_load_duration_secs", "Time the model version took to load", labels=LABELS
         )
         ready = GaugeMetricFamily(
-            "lockgate_model_ready", "1 when the model version is ready", labels=LABELS
+            "lockgate_model_ready",
+            "1 when the model version is ready, 0 while it is loading, failed or unloading",
+            labels=[*LABELS, "state"],
         )
+        for name, version, state in self._repository.version_states():
+            ready.add_metric([name, version, state], 1 if state == READY else 0)
         histograms = {
             "request": _histogram("lockgate_request_duration_seconds", "Request duration"),
             "queue": _histogram("lockgate_queue_duration_seconds", "Time spent queued"),
@@ -102,7 +106,6 @@ class ModelCollector(Collector):
             output_us.add_metric(labels, stats.compute_output.ns / 1000)
             pending.add_metric(labels, _pending(model))
             load.add_metric(labels, stats.load_seconds)
-            ready.add_metric(labels, 1)
             _observe(histograms["request"], labels, stats.request_seconds)
             _observe(histograms["queue"], labels, stats.queue_seconds)
             _observe(histograms["compute"], labels, stats.compute_seconds)

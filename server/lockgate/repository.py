@@ -169,6 +169,27 @@ class ModelRepository:
             if s.model is not None and s.state == READY
         ]
 
+    def version_states(self) -> list[tuple[str, str, str]]:
+        """(name, version, state) of every version this server owes, ready or not.
+
+        For /metrics: a failed or loading version must show as not ready, or an
+        alert on ``lockgate_model_ready == 0`` can never fire. A model that
+        failed before any version was known (a bad config.pbtxt) is version "".
+        Models unloaded on request are left out: nothing is owed for them.
+        """
+        rows: list[tuple[str, str, str]] = []
+        # list(): the metrics thread calls this while the loop may change entries.
+        for name, entry in sorted(list(self._entries.items())):
+            if entry.unloaded:
+                continue
+            versions = sorted(list(entry.versions.items()))
+            if versions:
+                rows += [(name, str(v), s.state) for v, s in versions]
+                continue
+            lock = self._locks.get(name)
+            rows.append((name, "", LOADING if lock is not None and lock.locked() else UNAVAILABLE))
+        return rows
+
     def all_ready(self) -> bool:
         """Every known model has a ready version (strict readiness)."""
         return all(

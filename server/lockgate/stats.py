@@ -14,6 +14,7 @@ from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from lockgate.errors import FAILURE_REASONS
 from lockgate_client._proto import grpc_service_pb2 as pb
 
 #: Default histogram buckets: request, queue and compute time in seconds.
@@ -89,7 +90,10 @@ class ModelStats:
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
-    failures: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    #: Failures by reason; every known reason starts at zero (see FAILURE_REASONS).
+    failures: dict[str, int] = field(
+        default_factory=lambda: defaultdict(int, dict.fromkeys(FAILURE_REASONS, 0))
+    )
     batches: dict[int, BatchDurations] = field(default_factory=lambda: defaultdict(BatchDurations))
     #: Bucket bounds (``--duration-buckets``, ``--batch-size-buckets``); fixed at load.
     duration_buckets: tuple[float, ...] = DURATION_BUCKETS
