@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import yaml
-from conftest import ServerProcess, free_port, launch_server
+from support import ServerProcess, free_port, launch_server, simple_inputs
 from test_deploy import DEPLOY, dashboard
 from tritonclient.utils import InferenceServerException
 
@@ -159,13 +159,6 @@ def _ready(prom: Prometheus) -> bool:
             return bool(response.status == 200)
     except OSError:
         return False
-
-
-def simple_inputs() -> list[grpcclient.InferInput]:
-    inputs = [grpcclient.InferInput(f"INPUT{i}", [1, 16], "INT32") for i in range(2)]
-    for tensor in inputs:
-        tensor.set_data_from_numpy(np.ones((1, 16), np.int32))
-    return inputs
 
 
 def scraped(prom: Prometheus, metric: str, value: float) -> Callable[[], bool]:
