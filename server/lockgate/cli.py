@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lockgate import __version__
+from lockgate.cache import parse_cache_config
 from lockgate.config import (
     DEFAULT_GRPC_PORT,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -85,6 +86,24 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         type=int,
         default=_env("default-max-batch-size", 4),
         help="max_batch_size given to batchable models whose config does not set one",
+    )
+    cache = where.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--response-cache-bytes",
+        "--response-cache-byte-size",  # Triton's older name for the same flag
+        type=_non_negative,
+        default=_env("response-cache-bytes", 0),
+        metavar="N",
+        help="response cache size in bytes, for models with response_cache { enable: true }; "
+        "0: no cache",
+    )
+    cache.add_argument(
+        "--cache-config",
+        type=_cache_config,
+        dest="cache_config_bytes",
+        default=None,
+        metavar="local,size=N",
+        help="Triton's form of --response-cache-bytes",
     )
     net = serve.add_argument_group("network")
     net.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on")
@@ -248,6 +267,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_token_file=args.auth_token_file,
+        response_cache_bytes=int(
+            args.response_cache_bytes
+            if args.cache_config_bytes is None
+            else args.cache_config_bytes
+        ),
     )
 
 
@@ -258,6 +282,23 @@ def _join(bounds: tuple[float, ...]) -> str:
 def _buckets(text: str) -> tuple[float, ...]:
     try:
         return parse_buckets(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _cache_config(text: str) -> int:
+    try:
+        return parse_cache_config(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -79,6 +79,8 @@ class ServerConfig:
     max_concurrent_streams: int = 1024
     max_stream_requests: int = 64
     max_health_watches: int = 64
+    #: Response cache size; 0: no cache (models that enable one serve uncached).
+    response_cache_bytes: int = 0
 
 
 # --- model configuration ---------------------------------------------------

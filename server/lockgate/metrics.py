@@ -28,6 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from lockgate.cache import ResponseCache
 from lockgate.config import ServerConfig
 from lockgate.gpu import Gpus, open_gpus
 from lockgate.model import ModelVersion
@@ -85,6 +86,17 @@ class ModelCollector(Collector):
         )
         for name, version, state in self._repository.version_states():
             ready.add_metric([name, version, state], 1 if state == READY else 0)
+        # Triton's per-model cache families, for models whose cache is on.
+        cache_hits = counter("nv_cache_num_hits_per_model", "Response cache hits per model")
+        cache_misses = counter("nv_cache_num_misses_per_model", "Response cache misses per model")
+        cache_hit_us = counter(
+            "nv_cache_hit_duration_per_model",
+            "Cumulative time to look up and copy out cache hits (µs)",
+        )
+        cache_miss_us = counter(
+            "nv_cache_miss_duration_per_model",
+            "Cumulative time to look up and insert cache misses (µs)",
+        )
         histograms = {
             "request": _histogram("lockgate_request_duration_seconds", "Request duration"),
             "queue": _histogram("lockgate_queue_duration_seconds", "Time spent queued"),
@@ -106,12 +118,36 @@ class ModelCollector(Collector):
             output_us.add_metric(labels, stats.compute_output.ns / 1000)
             pending.add_metric(labels, _pending(model))
             load.add_metric(labels, stats.load_seconds)
+            if model.cache is not None:
+                cache_hits.add_metric(labels, stats.cache_hit.count)
+                cache_misses.add_metric(labels, stats.cache_miss.count)
+                cache_hit_us.add_metric(labels, stats.cache_hit.ns / 1000)
+                cache_miss_us.add_metric(labels, stats.cache_miss.ns / 1000)
             _observe(histograms["request"], labels, stats.request_seconds)
             _observe(histograms["queue"], labels, stats.queue_seconds)
             _observe(histograms["compute"], labels, stats.compute_seconds)
             _observe(histograms["batch"], labels, stats.batch_size)
         yield from (success, failure, count, execs, request_us, queue_us, input_us)
         yield from (infer_us, output_us, pending, load, ready, *histograms.values())
+        yield from (cache_hits, cache_misses, cache_hit_us, cache_miss_us)
+        yield from _cache_gauges(self._repository.cache)
+
+
+def _cache_gauges(cache: ResponseCache | None) -> Iterator[Metric]:
+    """The server-wide cache: its fill, entries and evictions."""
+    if cache is None:
+        return
+    used = GaugeMetricFamily("lockgate_response_cache_bytes", "Bytes held by the response cache")
+    used.add_metric([], cache.used_bytes)
+    util = GaugeMetricFamily("nv_cache_util", "Fraction of the response cache in use [0.0 - 1.0]")
+    util.add_metric([], cache.used_bytes / cache.capacity_bytes)
+    entries = GaugeMetricFamily("nv_cache_num_entries", "Responses held by the response cache")
+    entries.add_metric([], len(cache))
+    evictions = GaugeMetricFamily(
+        "nv_cache_num_evictions", "Responses evicted from the response cache to make room"
+    )
+    evictions.add_metric([], cache.evictions)
+    yield from (used, util, entries, evictions)
 
 
 def _pending(model: ModelVersion) -> int:

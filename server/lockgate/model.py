@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from lockgate.batcher import Outputs, Scheduler
+from lockgate.cache import ResponseCache
 from lockgate.codec import Limits, TensorSpec
 from lockgate.config import ServerConfig, complete_config, validate_config
 from lockgate.errors import LoadAbandonedError, LockgateError, ModelLoadError
@@ -90,6 +91,8 @@ class ModelVersion:
     limits: Limits
     output_datatypes: dict[str, str]
     stop: ServerStop = field(default_factory=ServerStop)
+    #: The server's response cache when this model's config enables it.
+    cache: ResponseCache | None = None
 
     @classmethod
     def load(
@@ -101,6 +104,7 @@ class ModelVersion:
         server: ServerConfig,
         has_config_file: bool,
         stop: ServerStop | None = None,
+        cache: ResponseCache | None = None,
     ) -> ModelVersion:
         """Create the sessions, complete and check the config. Blocking: call in a thread.
 
@@ -163,6 +167,7 @@ class ModelVersion:
             ),
             output_datatypes={n: s.datatype for n, s in outputs.items()},
             stop=stop,
+            cache=_model_cache(config, cache),
         )
         try:
             model.warmup()
@@ -211,6 +216,28 @@ class ModelVersion:
                         ) from None
 
     async def infer(self, request: InferRequest) -> Outputs:
+        """Answer ``request`` from the cache, or queue it and wait for its batch."""
+        if self.cache is not None:
+            return await self._infer_cached(request, self.cache)
+        return await self._infer(request)
+
+    async def _infer_cached(self, request: InferRequest, cache: ResponseCache) -> Outputs:
+        start = time.monotonic_ns()
+        key = cache.key(self.name, self.version, request)
+        hit = cache.lookup(key)
+        if hit is not None:
+            end = time.monotonic_ns()
+            self.stats.record_cache_hit(end - request.arrival_ns, end - start)
+            return hit
+        lookup_ns = time.monotonic_ns() - start
+        outputs = await self._infer(request)
+        insert_start = time.monotonic_ns()
+        wanted = request.outputs
+        cache.insert(key, outputs if wanted is None else {n: outputs[n] for n in wanted})
+        self.stats.record_cache_miss(lookup_ns + time.monotonic_ns() - insert_start)
+        return outputs
+
+    async def _infer(self, request: InferRequest) -> Outputs:
         """Queue ``request``, wait for its batch, and record the outcome."""
         try:
             future = self.scheduler.submit(request)
@@ -256,6 +283,19 @@ class ModelVersion:
 
     def close(self) -> None:
         self.scheduler.close()
+
+
+def _model_cache(config: mc.ModelConfig, cache: ResponseCache | None) -> ResponseCache | None:
+    if not config.response_cache.enable:
+        return None
+    if cache is None:
+        # Triton loads such a model and serves it uncached; say so once.
+        log.warning(
+            "model %s enables response_cache but the server has none "
+            "(--response-cache-bytes N or --cache-config local,size=N): not caching",
+            config.name,
+        )
+    return cache
 
 
 def _copy(config: mc.ModelConfig) -> mc.ModelConfig:

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from lockgate.cache import ResponseCache
 from lockgate.config import (
     DEFAULT_MODEL_FILENAME,
     ServerConfig,
@@ -128,6 +129,10 @@ class ModelRepository:
         self._locks: dict[str, asyncio.Lock] = {}
         #: The server's stop, as every model version loaded from here sees it.
         self.stop = ServerStop()
+        #: One response cache for the server, used by models that enable it.
+        self.cache = (
+            ResponseCache(config.response_cache_bytes) if config.response_cache_bytes else None
+        )
         #: Versions no longer routed to whose queued requests are still finishing.
         #: (By id: ModelVersion is a dataclass, compared by value, so not hashable.)
         self._retiring: dict[int, ModelVersion] = {}
@@ -350,7 +355,14 @@ class ModelRepository:
             try:
                 self.stop.check_loading(source.name)
                 model = ModelVersion.load(
-                    source.name, version, path, config, self.config, has_file, self.stop
+                    source.name,
+                    version,
+                    path,
+                    config,
+                    self.config,
+                    has_file,
+                    self.stop,
+                    self.cache,
                 )
                 states[version] = VersionState(READY, model=model)
             except LoadAbandonedError:

@@ -87,6 +87,9 @@ class ModelStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+    #: Response cache: hits (lookup and copy out) and misses (lookup and insert).
+    cache_hit: Duration = field(default_factory=Duration)
+    cache_miss: Duration = field(default_factory=Duration)
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
@@ -140,6 +143,23 @@ class ModelStats:
         self.request_seconds.observe(duration_ns * 1e-9)
         self.queue_seconds.observe(queue_ns * 1e-9)
 
+    def record_cache_hit(self, duration_ns: int, hit_ns: int) -> None:
+        """A request answered from the response cache.
+
+        As in Triton: a success with no queue time, and neither an inference
+        nor an execution (those count work the model did).
+        """
+        self.success.add(duration_ns)
+        self.queue.add(0)
+        self.cache_hit.add(hit_ns)
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.request_seconds.observe(duration_ns * 1e-9)
+        self.queue_seconds.observe(0.0)
+
+    def record_cache_miss(self, miss_ns: int) -> None:
+        """The model ran for a cacheable request: lookup plus insertion time."""
+        self.cache_miss.add(miss_ns)
+
     def record_failure(self, reason: str, duration_ns: int) -> None:
         self.fail.add(duration_ns)
         self.failures[reason] += 1
@@ -159,8 +179,8 @@ class ModelStats:
                 compute_input=self.compute_input.to_proto(),
                 compute_infer=self.compute_infer.to_proto(),
                 compute_output=self.compute_output.to_proto(),
-                cache_hit=pb.StatisticDuration(),
-                cache_miss=pb.StatisticDuration(),
+                cache_hit=self.cache_hit.to_proto(),
+                cache_miss=self.cache_miss.to_proto(),
             ),
             batch_stats=[
                 pb.InferBatchStatistics(
