@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,9 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from conftest import ServerProcess, launch_server
 from hypothesis import given
 from hypothesis import strategies as st
+from support import ServerProcess, launch_server, scrape
 
 from lockgate.cache import ResponseCache, parse_cache_config
 from lockgate.request import InferRequest
@@ -65,7 +64,7 @@ def cache_server(
 @pytest.fixture(scope="module")
 def stub(cache_server: ServerProcess) -> Iterator[svc.GRPCInferenceServiceStub]:
     with grpc.insecure_channel(cache_server.url) as channel:
-        yield svc.GRPCInferenceServiceStub(channel)
+        yield svc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
 
 
 def _request(model: str, seed: int, outputs: list[str] | None = None) -> pb.ModelInferRequest:
@@ -171,8 +170,7 @@ def test_metrics_report_hits_and_misses(
     stub.ModelInfer(_request("simple_cached", 400))
     stub.ModelInfer(_request("simple_cached", 400))
     stats = _stats(stub, "simple_cached").inference_stats
-    with urllib.request.urlopen(cache_server.metrics_url, timeout=10) as response:
-        text = response.read().decode()
+    text = scrape(cache_server)
     labels = '{model="simple_cached",version="1"}'
     assert f"nv_cache_num_hits_per_model{labels} {float(stats.cache_hit.count)}" in text
     assert f"nv_cache_num_misses_per_model{labels} {float(stats.cache_miss.count)}" in text
@@ -189,7 +187,7 @@ def test_a_small_cache_evicts_the_least_recently_used(
     # room for two entries, not three.
     proc = start_server(cache_repo, "--cache-config", "local,size=900")
     with grpc.insecure_channel(proc.url) as channel:
-        stub = svc.GRPCInferenceServiceStub(channel)
+        stub = svc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         for seed in (1, 2, 1, 3):  # 3 evicts 2, the least recently used
             stub.ModelInfer(_request("simple_cached", seed))
         stub.ModelInfer(_request("simple_cached", 1))
@@ -198,8 +196,7 @@ def test_a_small_cache_evicts_the_least_recently_used(
         stub.ModelInfer(_request("simple_cached", 2))
         stats = _stats(stub, "simple_cached").inference_stats
         assert stats.cache_hit.count == 2 and stats.cache_miss.count == 4
-        with urllib.request.urlopen(proc.metrics_url, timeout=10) as response:
-            text = response.read().decode()
+        text = scrape(proc)
         assert "nv_cache_num_evictions 2.0" in text
         assert "nv_cache_num_entries 2.0" in text
 
@@ -209,7 +206,7 @@ def test_model_cache_without_server_cache_serves_uncached(
 ) -> None:
     proc = start_server(cache_repo)
     with grpc.insecure_channel(proc.url) as channel:
-        stub = svc.GRPCInferenceServiceStub(channel)
+        stub = svc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         for _ in range(2):
             stub.ModelInfer(_request("simple_cached", 7))
         assert _stats(stub, "simple_cached").inference_stats.cache_hit.count == 0
