@@ -251,10 +251,16 @@ SIMPLE_CASES = [
     pytest.param(_priority_text, INVALID, ["priority", "integer"], id="priority-text"),
     pytest.param(_negative_timeout, INVALID, ["timeout", "negative"], id="negative-timeout"),
     pytest.param(
-        _input_shared_memory, UNIMPLEMENTED, ["'INPUT0'", "shared memory"], id="input-shm"
+        _input_shared_memory,
+        NOT_FOUND,
+        ["'INPUT0'", "'region0'", "not registered"],
+        id="input-shm-unregistered",
     ),
     pytest.param(
-        _output_shared_memory, UNIMPLEMENTED, ["'OUTPUT0'", "shared memory"], id="output-shm"
+        _output_shared_memory,
+        INVALID,
+        ["'OUTPUT0'", "shared_memory_byte_size"],
+        id="output-shm-no-size",
     ),
     pytest.param(
         _output_classification, UNIMPLEMENTED, ["'OUTPUT0'", "classification"], id="classification"

@@ -41,8 +41,9 @@ def test_server_metadata(client: tc.InferenceServerClient) -> None:
     assert metadata.name == "lockgate"
     assert metadata.version
     assert {"model_repository", "model_configuration", "statistics"} <= set(metadata.extensions)
-    # Lockgate implements no shared memory: it must not claim the extension.
-    assert not {"system_shared_memory", "cuda_shared_memory"} & set(metadata.extensions)
+    # System shared memory only (on by default); CUDA's is not implemented.
+    assert "system_shared_memory" in metadata.extensions
+    assert "cuda_shared_memory" not in metadata.extensions
 
 
 def test_model_ready(client: tc.InferenceServerClient) -> None:

@@ -110,19 +110,6 @@ def test_latest_version_only_by_default(client: tc.InferenceServerClient) -> Non
 @pytest.mark.parametrize(
     ("call", "what"),
     [
-        pytest.param(
-            lambda c: c.get_system_shared_memory_status(), "system shared memory", id="shm"
-        ),
-        pytest.param(
-            lambda c: c.register_system_shared_memory("r", "/r", 64),
-            "system shared memory",
-            id="shm-register",
-        ),
-        pytest.param(
-            lambda c: c.unregister_system_shared_memory(),
-            "system shared memory",
-            id="shm-unregister",
-        ),
         pytest.param(lambda c: c.get_cuda_shared_memory_status(), "CUDA shared memory", id="cuda"),
         pytest.param(
             lambda c: c.unregister_cuda_shared_memory(), "CUDA shared memory", id="cuda-unregister"

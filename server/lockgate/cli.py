@@ -159,6 +159,13 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         help="concurrent grpc.health.v1 Watch streams (open to callers without a token)",
     )
     net.add_argument(
+        "--shared-memory",
+        choices=["system", "off"],
+        default=_env("shared-memory", "system"),
+        help="system: clients on this host may pass tensors in POSIX shared memory "
+        "regions they register (Triton's system shared-memory extension); off: refuse",
+    )
+    net.add_argument(
         "--grpc-max-connection-age",
         type=float,
         default=_env("grpc-max-connection-age", None),
@@ -258,6 +265,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_bytes_tensor_elements=int(args.max_bytes_tensor_elements),
         max_stream_requests=int(args.max_stream_requests),
         max_health_watches=int(args.max_health_watches),
+        shared_memory=args.shared_memory,
         log_format=args.log_format,
         log_level=args.log_level,
         trace=bool(args.trace),

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from lockgate import shm
 from lockgate.errors import InvalidInputError, UnsupportedError, clip
 from lockgate.request import Array, InferRequest
+from lockgate.shm import Lease, Placement, Region, SharedMemoryRegistry
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client.datatypes import (
     CONTENTS_FIELD,
@@ -76,8 +78,14 @@ def decode_request(
     inputs: dict[str, TensorSpec],
     output_names: frozenset[str],
     limits: Limits,
+    shared_memory: SharedMemoryRegistry | None = None,
 ) -> InferRequest:
-    """Validate ``request`` against the model and build an ``InferRequest``."""
+    """Validate ``request`` against the model and build an ``InferRequest``.
+
+    Inputs placed in shared memory become views of their region; the regions
+    the request names are leased (``InferRequest.lease``) until the caller
+    releases them, after the response is built.
+    """
     # upb builds a new Python object on every field access: read each once.
     tensors = request.inputs
     if len(tensors) > len(inputs):
@@ -85,18 +93,49 @@ def decode_request(
         raise InvalidInputError(
             f"the request has {len(tensors)} inputs but the model has only {len(inputs)}"
         )
-    for tensor in tensors:
+    placements: list[Placement | None] | None = None
+    for index, tensor in enumerate(tensors):
         if tensor.parameters:
-            _check_tensor_parameters(tensor.name, "input", tensor.parameters)
+            placement = _placement(tensor.name, "input", tensor.parameters, shared_memory)
+            if placement is not None:
+                placements = placements or [None] * len(tensors)
+                placements[index] = placement
     raw = request.raw_input_contents
-    if raw and len(raw) != len(tensors):
+    inline = len(tensors) - (len(placements) - placements.count(None) if placements else 0)
+    if raw and len(raw) != inline:
         raise InvalidInputError(
             f"raw_input_contents has {len(raw)} entries but the request has "
-            f"{len(tensors)} inputs; send one entry per input, in order"
+            f"{inline} inputs not in shared memory; send one entry per such input, in order"
         )
+    lease = Lease() if placements or (request.outputs and shared_memory is not None) else None
+    try:
+        decoded = _decode(request, tensors, raw, placements, lease, inputs, limits, shared_memory)
+        decoded.outputs, decoded.output_placements = _requested_outputs(
+            request, output_names, lease, shared_memory
+        )
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    if lease is not None and lease:
+        decoded.lease = lease
+    return decoded
+
+
+def _decode(
+    request: pb.ModelInferRequest,
+    tensors: Any,
+    raw: Any,
+    placements: list[Placement | None] | None,
+    lease: Lease | None,
+    inputs: dict[str, TensorSpec],
+    limits: Limits,
+    shared_memory: SharedMemoryRegistry | None,
+) -> InferRequest:
     batched = limits.max_batch_size > 0
     arrays: dict[str, Array] = {}
     rows = 1
+    raw_index = 0
     # Names as well as shapes: requests that list inputs in another order, or
     # leave out different optional inputs, must never be merged as equals.
     shape_key: list[tuple[str, tuple[int, ...]]] = []
@@ -130,13 +169,24 @@ def decode_request(
                 f"input '{name}' has datatype {clip(datatype) or '(empty)'}, "
                 f"expected {spec.datatype}"
             )
-        if raw:
+        placement = placements[index] if placements else None
+        if placement is not None:
+            assert lease is not None and shared_memory is not None
+            if tensor.HasField("contents"):
+                raise InvalidInputError(
+                    f"input '{name}' has typed contents and a shared memory region; "
+                    "use one or the other"
+                )
+            region = shared_memory.lease(lease, placement.region, f"input '{name}'")
+            array = _from_shared_memory(region, placement, name, datatype, shape, limits)
+        elif raw:
             if tensor.HasField("contents"):
                 raise InvalidInputError(
                     f"input '{name}' has typed contents while the request uses "
                     "raw_input_contents; use one or the other"
                 )
-            array = _from_raw(raw[index], name, datatype, shape, limits)
+            array = _from_raw(raw[raw_index], name, datatype, shape, limits)
+            raw_index += 1
         else:
             array = _from_contents(tensor, datatype, shape, limits)
         if batched:
@@ -155,11 +205,10 @@ def decode_request(
         missing = [n for n, s in inputs.items() if n not in arrays and not s.optional]
         if missing:
             raise InvalidInputError(f"missing required input(s): {', '.join(missing)}")
-    requested = _requested_outputs(request, output_names)
     decoded = InferRequest(
         inputs=arrays,
         rows=rows,
-        outputs=requested,
+        outputs=None,
         shape_key=tuple(shape_key),
         request_id=request.id,
     )
@@ -225,7 +274,12 @@ def _check_shape(
 
 
 def _from_raw(
-    data: bytes, name: str, datatype: str, shape: tuple[int, ...], limits: Limits
+    data: bytes,
+    name: str,
+    datatype: str,
+    shape: tuple[int, ...],
+    limits: Limits,
+    source: str = "raw content",
 ) -> Array:
     count = math.prod(shape)
     if datatype == "BYTES":
@@ -233,7 +287,7 @@ def _from_raw(
         # payload cannot fill before allocating anything for it.
         if count * 4 > len(data):
             raise InvalidInputError(
-                f"input '{name}' has {len(data)} bytes of raw content, too few for "
+                f"input '{name}' has {len(data)} bytes of {source}, too few for "
                 f"{count} BYTES elements (shape {list(shape)}; each needs a 4-byte length)"
             )
         try:
@@ -245,10 +299,36 @@ def _from_raw(
     expected = count * dtype.itemsize
     if len(data) != expected:
         raise InvalidInputError(
-            f"input '{name}' has {len(data)} bytes of raw content, expected {expected} "
+            f"input '{name}' has {len(data)} bytes of {source}, expected {expected} "
             f"({datatype} with shape {list(shape)})"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _from_shared_memory(
+    region: Region,
+    placement: Placement,
+    name: str,
+    datatype: str,
+    shape: tuple[int, ...],
+    limits: Limits,
+) -> Array:
+    """A view of the input in its region (BYTES: parsed from a private copy)."""
+    data = region.view(placement.offset, placement.byte_size, f"input '{name}'")
+    if datatype == "BYTES":
+        # The client may rewrite the region while we parse it: parse a copy,
+        # so the lengths checked are the lengths used.
+        return _from_raw(data.tobytes(), name, datatype, shape, limits, "shared memory")
+    expected = math.prod(shape) * WIRE_DTYPES[datatype].itemsize
+    if placement.byte_size != expected:
+        raise InvalidInputError(
+            f"input '{name}' has shared_memory_byte_size {placement.byte_size}, expected "
+            f"{expected} ({datatype} with shape {list(shape)})"
+        )
+    array = data.view(WIRE_DTYPES[datatype]).reshape(shape)
+    # An offset that is no multiple of the item size gives an unaligned view,
+    # which ONNX Runtime must not be handed.
+    return array if array.flags.aligned else array.copy()
 
 
 def _from_contents(
@@ -307,20 +387,21 @@ def _bytes_to_text(items: Array, name: str, limits: Limits | None) -> Array:
 
 
 def _requested_outputs(
-    request: pb.ModelInferRequest, output_names: frozenset[str]
-) -> list[str] | None:
-    outputs = request.outputs
-    if not outputs:
-        return None
-    if len(outputs) > len(output_names):
+    request: pb.ModelInferRequest,
+    output_names: frozenset[str],
+    lease: Lease | None,
+    shared_memory: SharedMemoryRegistry | None,
+) -> tuple[list[str] | None, dict[str, Placement] | None]:
+    """The outputs asked for (None: all), and those to write into shared memory."""
+    if not request.outputs:
+        return None, None
+    if len(request.outputs) > len(output_names):
+        # Before iterating: millions of empty entries must cost nothing.
         raise InvalidInputError(
-            f"the request asks for {len(outputs)} outputs but the model has only "
+            f"the request asks for {len(request.outputs)} outputs but the model has only "
             f"{len(output_names)}"
         )
-    names = [o.name for o in outputs]
-    for output in outputs:
-        if output.parameters:
-            _check_tensor_parameters(output.name, "output", output.parameters)
+    names = [o.name for o in request.outputs]
     for name in names:
         if name not in output_names:
             raise InvalidInputError(
@@ -330,21 +411,68 @@ def _requested_outputs(
     if len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)
         raise InvalidInputError(f"output '{twice}' is requested more than once")
-    return names
+    placements: dict[str, Placement] | None = None
+    for output in request.outputs:
+        if output.parameters:
+            placement = _placement(output.name, "output", output.parameters, shared_memory)
+            if placement is not None:
+                assert lease is not None and shared_memory is not None
+                region = shared_memory.lease(lease, placement.region, f"output '{output.name}'")
+                # The range must lie in the region now; the size of the
+                # result is checked once it is known.
+                region.view(placement.offset, placement.byte_size, f"output '{output.name}'")
+                placements = placements or {}
+                placements[output.name] = placement
+    return names, placements
 
 
 #: Tensor parameters of Triton extensions Lockgate does not implement. Ignoring
 #: them would answer something else than what was asked for.
 _UNSUPPORTED_PARAMETERS = {
-    "shared_memory_region": "shared memory is not supported by Lockgate; send tensors inline",
     "classification": "the classification extension is not supported by Lockgate",
 }
+_REGION = "shared_memory_region"
+_BYTE_SIZE = "shared_memory_byte_size"
+_OFFSET = "shared_memory_offset"
 
 
-def _check_tensor_parameters(name: str, kind: str, parameters: Any) -> None:
+def _placement(
+    name: str, kind: str, parameters: Any, shared_memory: SharedMemoryRegistry | None
+) -> Placement | None:
+    """Check a tensor's parameters; its shared-memory placement if it has one."""
     for key, why in _UNSUPPORTED_PARAMETERS.items():
         if key in parameters:
             raise UnsupportedError(f"{kind} '{clip(name)}' has parameter '{key}': {why}")
+    tensor = f"{kind} '{clip(name)}'"
+    if _REGION not in parameters:
+        for key in (_BYTE_SIZE, _OFFSET):
+            if key in parameters:
+                raise InvalidInputError(f"{tensor} has parameter '{key}' but no '{_REGION}'")
+        return None
+    if shared_memory is None:
+        raise UnsupportedError(
+            f"{tensor} names a shared memory region, but system shared memory "
+            "is off on this server (--shared-memory off); send tensors inline"
+        )
+    region = parameters[_REGION]
+    if region.WhichOneof("parameter_choice") != "string_param" or not region.string_param:
+        raise InvalidInputError(f"{tensor}: '{_REGION}' must be a non-empty string")
+    if _BYTE_SIZE not in parameters:
+        raise InvalidInputError(f"{tensor} has '{_REGION}' but no '{_BYTE_SIZE}'")
+    byte_size = _size_parameter(tensor, parameters, _BYTE_SIZE)
+    offset = _size_parameter(tensor, parameters, _OFFSET) if _OFFSET in parameters else 0
+    return Placement(region.string_param, offset, byte_size)
+
+
+def _size_parameter(tensor: str, parameters: Any, key: str) -> int:
+    value = parameters[key]
+    choice = value.WhichOneof("parameter_choice")
+    if choice not in ("int64_param", "uint64_param"):
+        raise InvalidInputError(f"{tensor}: '{key}' must be an integer, got {choice or 'nothing'}")
+    number = int(getattr(value, choice))
+    if number < 0:
+        raise InvalidInputError(f"{tensor}: '{key}' must not be negative, got {number}")
+    return number
 
 
 def encode_response(
@@ -354,8 +482,14 @@ def encode_response(
     outputs: dict[str, Array],
     datatypes: dict[str, str],
     order: list[str],
+    shared: tuple[Lease, dict[str, Placement]] | None = None,
 ) -> pb.ModelInferResponse:
-    """Build the response; every tensor goes in ``raw_output_contents``."""
+    """Build the response; every tensor goes in ``raw_output_contents``.
+
+    Outputs placed in shared memory are written into their region; their
+    raw entry stays empty, as Triton's, so the entries still line up with
+    ``outputs`` (tritonclient finds an output's bytes by its position).
+    """
     tensors = []
     raws = []
     for name in order:
@@ -364,7 +498,11 @@ def encode_response(
         tensors.append(
             pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=array.shape)
         )
-        raws.append(_to_raw(array, datatype))
+        if shared is not None and name in shared[1]:
+            _to_shared_memory(array, datatype, name, *shared)
+            raws.append(b"")
+        else:
+            raws.append(_to_raw(array, datatype))
     return pb.ModelInferResponse(
         model_name=model_name,
         model_version=model_version,
@@ -372,6 +510,20 @@ def encode_response(
         outputs=tensors,
         raw_output_contents=raws,
     )
+
+
+def _to_shared_memory(
+    array: Array, datatype: str, name: str, lease: Lease, placements: dict[str, Placement]
+) -> None:
+    placement = placements[name]
+    region = lease.get(placement.region)
+    assert region is not None  # leased when the request was decoded
+    if datatype == "BYTES":
+        data = np.frombuffer(serialize_bytes(array), dtype=np.uint8)
+    else:
+        dtype = WIRE_DTYPES[datatype]
+        data = np.ascontiguousarray(array, dtype=dtype).reshape(-1).view(np.uint8)
+    shm.write(region, placement, data, f"output '{name}'")
 
 
 def _to_raw(array: Array, datatype: str) -> bytes:

@@ -26,6 +26,7 @@ from lockgate_client._proto import model_config_pb2 as mc
 from lockgate_client.datatypes import CONFIG_TO_WIRE
 
 ModelControlMode = Literal["none", "explicit", "poll"]
+SharedMemoryMode = Literal["system", "off"]
 
 #: Triton's default gRPC and metrics ports.
 DEFAULT_GRPC_PORT = 8001
@@ -81,6 +82,8 @@ class ServerConfig:
     max_health_watches: int = 64
     #: Response cache size; 0: no cache (models that enable one serve uncached).
     response_cache_bytes: int = 0
+    #: "system": Triton's system shared-memory extension; "off": UNIMPLEMENTED.
+    shared_memory: SharedMemoryMode = "system"
 
 
 # --- model configuration ---------------------------------------------------

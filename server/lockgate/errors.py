@@ -73,6 +73,24 @@ class ModelNotFoundError(LockgateError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class RegionNotFoundError(LockgateError):
+    """No shared-memory region is registered under that name."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExistsError(LockgateError):
+    """A shared-memory region of that name is registered already."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class TooManyRegionsError(LockgateError):
+    """The server holds as many shared-memory regions as it allows."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class ModelUnavailableError(LockgateError):
     """The model exists but is not ready (loading, failed, unloading, draining)."""
 

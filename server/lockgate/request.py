@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from lockgate.shm import Lease, Placement
 
 Array = npt.NDArray[Any]
 
@@ -44,3 +47,7 @@ class InferRequest:
     sequence: int = field(default=0)
     #: Compute input/infer/output ns of the batch that served it.
     compute_ns: tuple[int, int, int] = (0, 0, 0)
+    #: The shared-memory regions the request uses, held until it is answered.
+    lease: Lease | None = None
+    #: Requested outputs to write into shared memory instead of the response.
+    output_placements: dict[str, Placement] | None = None

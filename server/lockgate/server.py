@@ -29,6 +29,7 @@ from lockgate.health import HealthServicer, add_health_to_server
 from lockgate.poller import RepositoryPoller
 from lockgate.repository import ModelRepository
 from lockgate.servicer import ServerState, Servicer, add_to_server
+from lockgate.shm import SharedMemoryRegistry
 
 log = logging.getLogger("lockgate.server")
 
@@ -70,6 +71,8 @@ class LockgateServer:
         self.state.control_enabled = config.model_control_mode == "explicit"
         self.state.on_models_changed = self.update_health
         self.repository = ModelRepository(config)
+        #: Client regions; owned here so they are unmapped at shutdown, never on unload.
+        self.shared_memory = SharedMemoryRegistry() if config.shared_memory == "system" else None
         self.health = HealthServicer(config.max_health_watches)
         self.grpc_port = 0
         self._server: grpc.aio.Server | None = None
@@ -98,7 +101,7 @@ class LockgateServer:
 
         interceptors = auth_interceptors(self.config)
         server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
-        add_to_server(Servicer(self.repository, self.state), server)
+        add_to_server(Servicer(self.repository, self.state, self.shared_memory), server)
         add_health_to_server(self.health, server)
         reflection.enable_server_reflection(
             [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -259,6 +262,9 @@ class LockgateServer:
             left = self.config.drain_seconds - (time.monotonic() - started)
             await self._server.stop(grace=max(0.0, left))
         self.repository.close()
+        if self.shared_memory is not None:
+            # Requests still running keep theirs mapped until they finish.
+            self.shared_memory.close()
         # A running batch cannot be interrupted, and exiting under it makes ONNX
         # Runtime abort the process (SIGABRT): let it finish, within bounds.
         try:

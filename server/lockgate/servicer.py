@@ -32,6 +32,8 @@ from lockgate.errors import (
 )
 from lockgate.model import ModelVersion
 from lockgate.repository import ModelRepository
+from lockgate.request import InferRequest
+from lockgate.shm import Lease, Placement, SharedMemoryRegistry
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import inference_service_pb2_grpc as service
 
@@ -99,9 +101,19 @@ class ServerState:
 class Servicer(service.GRPCInferenceServiceServicer):
     """Lockgate's implementation of ``inference.GRPCInferenceService``."""
 
-    def __init__(self, repository: ModelRepository, state: ServerState) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        state: ServerState,
+        shared_memory: SharedMemoryRegistry | None = None,
+    ) -> None:
         self._repository = repository
         self._state = state
+        #: None when --shared-memory off: the extension answers UNIMPLEMENTED.
+        self._shared_memory = shared_memory
+        self._extensions = EXTENSIONS + (
+            ["system_shared_memory"] if shared_memory is not None else []
+        )
 
     # --- health and metadata ---------------------------------------------------
 
@@ -123,7 +135,7 @@ class Servicer(service.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> Any:
         return pb.ServerMetadataResponse(
-            name="lockgate", version=__version__, extensions=EXTENSIONS
+            name="lockgate", version=__version__, extensions=self._extensions
         )
 
     @_status
@@ -172,25 +184,34 @@ class Servicer(service.GRPCInferenceServiceServicer):
             if _heavy_request(request, model):
                 # Seconds of work for a large request: in a thread, so that
                 # nobody else's request (nor a health check) waits behind it.
-                decoded = await asyncio.to_thread(_decode, model, request, start)
+                decoded = await asyncio.to_thread(
+                    _decode, model, request, start, self._shared_memory
+                )
             else:
-                decoded = _decode(model, request, start)
-            decoded.deadline = deadline
-            if trace is not None:
-                trace.attach(decoded)
-            outputs = await model.infer(decoded)
-            encode = functools.partial(
-                encode_response,
-                model.name,
-                model.version,
-                decoded.request_id,
-                outputs,
-                model.output_datatypes,
-                decoded.outputs or model.output_order,
-            )
-            if _heavy_outputs(outputs):
-                return await asyncio.to_thread(encode)
-            return encode()
+                decoded = _decode(model, request, start, self._shared_memory)
+            try:
+                decoded.deadline = deadline
+                if trace is not None:
+                    trace.attach(decoded)
+                outputs = await model.infer(decoded)
+                encode = functools.partial(
+                    encode_response,
+                    model.name,
+                    model.version,
+                    decoded.request_id,
+                    outputs,
+                    model.output_datatypes,
+                    decoded.outputs or model.output_order,
+                    _shared(decoded),
+                )
+                if _heavy_outputs(outputs):
+                    return await asyncio.to_thread(encode)
+                return encode()
+            finally:
+                if decoded.lease is not None:
+                    # Views first: an unregistered region unmaps with its last lease.
+                    decoded.inputs = {}
+                    decoded.lease.release()
         except LockgateError as exc:
             _log_failure(request, exc.reason, exc.message)
             raise
@@ -333,30 +354,62 @@ class Servicer(service.GRPCInferenceServiceServicer):
                 f"cannot {action} models: start the server with --model-control-mode explicit"
             )
 
+    # --- system shared memory ---------------------------------------------------
+
+    def _regions(self) -> SharedMemoryRegistry:
+        if self._shared_memory is None:
+            raise UnsupportedError(
+                "system shared memory is off on this server (--shared-memory off); "
+                "send tensors inline"
+            )
+        return self._shared_memory
+
+    @_status
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Context
+    ) -> Any:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self._regions().status(request.name):
+            status = response.regions[region.name]
+            status.name = region.name
+            status.key = region.key
+            status.offset = region.offset
+            status.byte_size = region.byte_size
+        return response
+
+    @_status
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Context
+    ) -> Any:
+        self._regions().register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_status
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
+    ) -> Any:
+        self._regions().unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
     # --- not implemented -----------------------------------------------------------
 
-    async def _unsupported(self, context: Context, what: str) -> Any:
+    async def _cuda_unsupported(self, context: Context) -> Any:
         await _abort(
-            context, UnsupportedError(f"{what} is not supported by Lockgate; send tensors inline")
+            context,
+            UnsupportedError(
+                "CUDA shared memory is not supported by Lockgate; use system shared memory "
+                "(SystemSharedMemoryRegister) or send tensors inline"
+            ),
         )
 
-    async def SystemSharedMemoryStatus(self, request: Any, context: Context) -> Any:
-        return await self._unsupported(context, "system shared memory")
-
-    async def SystemSharedMemoryRegister(self, request: Any, context: Context) -> Any:
-        return await self._unsupported(context, "system shared memory")
-
-    async def SystemSharedMemoryUnregister(self, request: Any, context: Context) -> Any:
-        return await self._unsupported(context, "system shared memory")
-
     async def CudaSharedMemoryStatus(self, request: Any, context: Context) -> Any:
-        return await self._unsupported(context, "CUDA shared memory")
+        return await self._cuda_unsupported(context)
 
     async def CudaSharedMemoryRegister(self, request: Any, context: Context) -> Any:
-        return await self._unsupported(context, "CUDA shared memory")
+        return await self._cuda_unsupported(context)
 
     async def CudaSharedMemoryUnregister(self, request: Any, context: Context) -> Any:
-        return await self._unsupported(context, "CUDA shared memory")
+        return await self._cuda_unsupported(context)
 
     async def TraceSetting(self, request: Any, context: Context) -> Any:
         await _abort(
@@ -441,15 +494,29 @@ def _heavy_outputs(outputs: dict[str, Any]) -> bool:
     return total > HEAVY_RAW_BYTES
 
 
-def _decode(model: ModelVersion, request: pb.ModelInferRequest, start_ns: int) -> Any:
+def _decode(
+    model: ModelVersion,
+    request: pb.ModelInferRequest,
+    start_ns: int,
+    shared_memory: SharedMemoryRegistry | None,
+) -> InferRequest:
     """Decode against the model's specs; a bad request counts as a failure."""
     try:
-        decoded = decode_request(request, model.inputs, model.output_names, model.limits)
+        decoded = decode_request(
+            request, model.inputs, model.output_names, model.limits, shared_memory
+        )
     except LockgateError as exc:
         model.stats.record_failure(exc.reason, time.monotonic_ns() - start_ns)
         raise
     decoded.arrival_ns = start_ns
     return decoded
+
+
+def _shared(decoded: InferRequest) -> tuple[Lease, dict[str, Placement]] | None:
+    """What ``encode_response`` needs to write outputs into shared memory."""
+    if decoded.lease is None or decoded.output_placements is None:
+        return None
+    return decoded.lease, decoded.output_placements
 
 
 # --- registration ----------------------------------------------------------------------
