@@ -28,9 +28,9 @@ import numpy.typing as npt
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.utils.shared_memory as shm
-from conftest import ServerProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import ServerProcess, simple_arrays
 from tritonclient.utils import (
     InferenceServerException,
     serialize_byte_tensor,
@@ -78,12 +78,6 @@ def regions() -> Iterator[Regions]:
     assert _leftovers() == []
 
 
-@pytest.fixture
-def client(server: ServerProcess) -> Iterator[tc.InferenceServerClient]:
-    with tc.InferenceServerClient(server.url) as triton:
-        yield triton
-
-
 def _code(call: Callable[[], Any]) -> tuple[grpc.StatusCode | None, str]:
     try:
         call()
@@ -96,9 +90,8 @@ def _code(call: Callable[[], Any]) -> tuple[grpc.StatusCode | None, str]:
 
 
 def _simple_inputs() -> tuple[Array, Array]:
-    a = np.arange(16, dtype=np.int32).reshape(1, 16)
-    b = np.full((1, 16), 3, dtype=np.int32)
-    return a, b
+    arrays = simple_arrays()
+    return arrays["INPUT0"], arrays["INPUT1"]
 
 
 def _still_serves(triton: tc.InferenceServerClient) -> None:
