@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from lockgate.batcher import QueuePolicy, Scheduler, merge_inputs, split_outputs
+from lockgate.batcher import QueuePolicy, Scheduler
 from lockgate.codec import Limits, TensorSpec, decode_request
 from lockgate.config import read_model_config
 from lockgate.errors import (
@@ -35,7 +35,7 @@ from lockgate.errors import (
     RequestTimeoutError,
 )
 from lockgate.request import Array, InferRequest
-from lockgate.runner import Placement, Runner
+from lockgate.runner import Placement, Runner, merge_inputs, split_outputs
 from lockgate.stats import ModelStats
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import model_config_pb2 as mc

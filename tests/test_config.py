@@ -99,7 +99,7 @@ def complete(
     name: str = "m",
     default_max_batch_size: int = 4,
 ) -> mc.ModelConfig:
-    complete_config(config, name, inputs, outputs, default_max_batch_size, True)
+    complete_config(config, name, inputs, outputs, default_max_batch_size)
     validate_config(config)
     return config
 
@@ -275,7 +275,7 @@ def test_config_mismatch_errors(config: mc.ModelConfig, fragments: list[str]) ->
     inputs = [OnnxTensor("x", "tensor(float)", (-1, 3))]
     outputs = [OnnxTensor("y", "tensor(float)", (-1, 3))]
     with pytest.raises(ModelLoadError) as info:
-        complete_config(config, "m", inputs, outputs, 4, True)
+        complete_config(config, "m", inputs, outputs, 4)
     for fragment in fragments:
         assert fragment in info.value.message
 
@@ -283,7 +283,7 @@ def test_config_mismatch_errors(config: mc.ModelConfig, fragments: list[str]) ->
 def test_tensor_type_the_protocol_cannot_carry() -> None:
     inputs = [OnnxTensor("x", "tensor(complex64)", (-1, 3))]
     with pytest.raises(ModelLoadError) as info:
-        complete_config(mc.ModelConfig(), "m", inputs, [], 4, False)
+        complete_config(mc.ModelConfig(), "m", inputs, [], 4)
     assert "'x'" in info.value.message
     assert "tensor(complex64)" in info.value.message
 

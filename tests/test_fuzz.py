@@ -514,7 +514,7 @@ def check_config(config_text: str, is_json: bool) -> None:
         else:
             config = parse_model_config(config_text, "config.pbtxt")
         validate_config(config)
-        complete_config(config, "m", ONNX_INPUTS, ONNX_OUTPUTS, 4, True)
+        complete_config(config, "m", ONNX_INPUTS, ONNX_OUTPUTS, 4)
         validate_config(config)
     except ModelLoadError as error:
         assert error.message

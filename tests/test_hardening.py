@@ -25,8 +25,8 @@ from lockgate.batcher import Scheduler
 from lockgate.config import MAX_PRIORITY_LEVELS, validate_config
 from lockgate.errors import InvalidInputError, ModelLoadError
 from lockgate.health import MAX_HEALTH_REQUEST_BYTES
-from lockgate.repository import MAX_UPLOAD_PATH_DEPTH, remove_scratch, write_model_files
 from lockgate.stats import ModelStats
+from lockgate.uploads import MAX_UPLOAD_PATH_DEPTH, remove_scratch, write_model_files
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import inference_service_pb2_grpc as svc
 from lockgate_client._proto import model_config_pb2 as mc

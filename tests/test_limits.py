@@ -24,12 +24,13 @@ import numpy as np
 import pytest
 from support import SERVICE, ServerProcess, launch_server, rpc
 
-from lockgate import repository as repository_module
+from lockgate import uploads
 from lockgate.cli import build_parser, config_from_args
 from lockgate.codec import Limits, TensorSpec, decode_request
 from lockgate.config import MAX_MESSAGE_BYTES, ServerConfig
 from lockgate.errors import InvalidInputError, LockgateError, ModelLoadError
-from lockgate.repository import ModelSource, write_model_files
+from lockgate.repository import ModelSource
+from lockgate.uploads import write_model_files
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import model_config_pb2 as mc
 from lockgate_client.datatypes import BytesFormatError, deserialize_bytes
@@ -444,7 +445,7 @@ def test_write_model_files_never_follows_a_planted_link(
 
 
 def test_write_model_files_total_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(repository_module, "MAX_LOAD_FILE_BYTES", 10)
+    monkeypatch.setattr(uploads, "MAX_LOAD_FILE_BYTES", 10)
     with pytest.raises(InvalidInputError) as info:
         write_model_files("up", {"1/model.onnx": b"x" * 6, "1/more": b"y" * 5})
     assert "11 bytes" in info.value.message

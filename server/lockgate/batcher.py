@@ -4,8 +4,8 @@ One ``Scheduler`` per model version. ``submit`` puts a request in its
 priority level's queue and returns at once; ``_dispatch`` runs synchronously
 on the event loop whenever something changes (a request arrives, an instance
 frees up, a delay or timeout fires) and hands batches to idle instances.
-Batches run in worker threads (ONNX Runtime releases the GIL); their results
-are split back per request on the loop.
+Batches run on their instance's thread (runner.py); each request's future
+gets its rows back on the loop.
 
 Rules, in order of importance:
 
@@ -13,8 +13,6 @@ Rules, in order of importance:
   several), and only requests whose non-batch shapes agree are merged.
 * A request whose caller has gone, or whose deadline has passed, is dropped
   before it reaches a session.
-* A batch ONNX Runtime rejects is re-run request by request, so only the
-  request at fault fails.
 * With no ``dynamic_batching`` each request is its own execution; several
   instances still run concurrently.
 """
@@ -25,31 +23,24 @@ import asyncio
 import contextlib
 import functools
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from queue import SimpleQueue
-
-import numpy as np
 
 from lockgate.errors import (
-    ExecutionError,
     LockgateError,
     ModelUnavailableError,
     QueueFullError,
     RequestTimeoutError,
 )
-from lockgate.request import Array, InferRequest
-from lockgate.runner import Runner
+from lockgate.request import InferRequest, Outputs
+from lockgate.runner import BatchResult, InstanceWorker, Runner
 from lockgate.stats import ModelStats
 from lockgate_client._proto import model_config_pb2 as mc
 
 log = logging.getLogger("lockgate.batcher")
 
-Outputs = dict[str, Array]
-Done = Callable[["BatchResult | BaseException"], None]
 
 #: Observability hook: called on the event loop as each batch finishes, with the
 #: model's stats, the batch and its error (None when it ran). lockgate.tracing
@@ -102,54 +93,6 @@ class Level:
 
     def __len__(self) -> int:
         return len(self.queue) + len(self.delayed)
-
-
-@dataclass(frozen=True)
-class Execution:
-    """One successful session run: its rows and compute input/infer/output ns."""
-
-    rows: int
-    input_ns: int
-    infer_ns: int
-    output_ns: int
-
-
-@dataclass
-class BatchResult:
-    """What a worker thread hands back for one batch."""
-
-    #: Per request, in batch order: its outputs and the run that made them, or its error.
-    results: list[tuple[Outputs, Execution] | LockgateError]
-    #: The session runs that succeeded: one, or one per request after a re-run.
-    executions: list[Execution]
-
-
-def merge_inputs(batch: list[InferRequest]) -> dict[str, Array]:
-    """Concatenate the batch's inputs along the batch axis."""
-    if len(batch) == 1:
-        return batch[0].inputs
-    first = batch[0].inputs
-    return {name: np.concatenate([r.inputs[name] for r in batch]) for name in first}
-
-
-def split_outputs(outputs: Outputs, batch: list[InferRequest]) -> list[Outputs]:
-    """Give each request its own rows of every output (views, no copies)."""
-    if len(batch) == 1:
-        return [outputs]
-    total = sum(r.rows for r in batch)
-    for name, value in outputs.items():
-        if value.ndim == 0 or value.shape[0] != total:
-            raise ExecutionError(
-                f"model output '{name}' has shape {list(value.shape)}; a batched model's "
-                f"outputs must start with the batch size ({total})"
-            )
-    parts: list[Outputs] = []
-    start = 0
-    for request in batch:
-        end = start + request.rows
-        parts.append({name: value[start:end] for name, value in outputs.items()})
-        start = end
-    return parts
 
 
 class Scheduler:
@@ -515,35 +458,6 @@ class Scheduler:
             worker.stop()
 
 
-class InstanceWorker:
-    """The thread that runs one instance's batches.
-
-    A dedicated thread fed through a SimpleQueue costs about half the CPU of a
-    ThreadPoolExecutor round trip (measured: 58 vs 105 µs), which matters
-    when the model itself runs in 12 µs.
-    """
-
-    def __init__(self, runner: Runner, name: str) -> None:
-        self._runner = runner
-        self._queue: SimpleQueue[tuple[list[InferRequest], Done] | None] = SimpleQueue()
-        threading.Thread(target=self._work, name=name, daemon=True).start()
-
-    def submit(self, batch: list[InferRequest], done: Done) -> None:
-        self._queue.put((batch, done))
-
-    def stop(self) -> None:
-        self._queue.put(None)
-
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            batch, done = item
-            try:
-                outcome: BatchResult | BaseException = run_batch(self._runner, batch)
-            except BaseException as exc:  # delivered to the batch's callers
-                outcome = exc
-            done(outcome)
-
-
 def _alive(request: InferRequest, now: float) -> bool:
     """Someone still waits for the request, and its deadline has not passed."""
     future = request.future
@@ -562,43 +476,3 @@ def _resolve(request: InferRequest, result: Outputs | BaseException) -> None:
         future.set_exception(result)
     else:
         future.set_result(result)
-
-
-def run_batch(runner: Runner, batch: list[InferRequest]) -> BatchResult:
-    """Merge, run and split one batch; runs in a worker thread.
-
-    If ONNX Runtime rejects a merged batch, each request is re-run alone so
-    that only the one at fault fails.
-    """
-    try:
-        return _run_merged(runner, batch)
-    except ExecutionError:
-        if len(batch) == 1:
-            raise
-    return _run_one_by_one(runner, batch)
-
-
-def _run_merged(runner: Runner, batch: list[InferRequest]) -> BatchResult:
-    clock = time.perf_counter_ns
-    start = clock()
-    feeds = merge_inputs(batch)
-    merged = clock()
-    outputs = runner.run(feeds)
-    ran = clock()
-    parts = split_outputs(outputs, batch)
-    run = Execution(sum(r.rows for r in batch), merged - start, ran - merged, clock() - ran)
-    return BatchResult([(part, run) for part in parts], [run])
-
-
-def _run_one_by_one(runner: Runner, batch: list[InferRequest]) -> BatchResult:
-    results: list[tuple[Outputs, Execution] | LockgateError] = []
-    executions: list[Execution] = []
-    for request in batch:
-        try:
-            alone = _run_merged(runner, [request])
-        except ExecutionError as error:
-            results.append(error)
-            continue
-        results += alone.results
-        executions += alone.executions
-    return BatchResult(results, executions)

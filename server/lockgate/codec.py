@@ -367,11 +367,11 @@ def _from_contents(
     return np.array(values, dtype=dtype).reshape(shape)
 
 
-def _bytes_to_text(items: Array, name: str, limits: Limits | None) -> Array:
+def _bytes_to_text(items: Array, name: str, limits: Limits) -> Array:
     """ONNX Runtime string tensors take Python str: decode each element as UTF-8."""
     out = np.empty(items.shape, dtype=np.object_)
     for i, item in enumerate(items):
-        if limits is not None and len(item) > limits.max_bytes_element:
+        if len(item) > limits.max_bytes_element:
             raise InvalidInputError(
                 f"input '{name}' element {i} is {len(item)} bytes, more than the "
                 f"server's limit of {limits.max_bytes_element}"

@@ -160,7 +160,6 @@ def complete_config(
     inputs: list[OnnxTensor],
     outputs: list[OnnxTensor],
     default_max_batch_size: int,
-    has_config_file: bool,
 ) -> None:
     """Fill what ``config.pbtxt`` left out from the ONNX model, in place.
 
@@ -209,7 +208,6 @@ def complete_config(
             group.count = 1
     if not config.HasField("version_policy"):
         config.version_policy.latest.num_versions = 1
-    del has_config_file  # Triton treats a missing and an empty file alike.
 
 
 def _complete_tensors(config: mc.ModelConfig, tensors: list[OnnxTensor], is_input: bool) -> None:

@@ -31,8 +31,8 @@ from prometheus_client.utils import floatToGoString
 from lockgate.cache import ResponseCache
 from lockgate.config import ServerConfig
 from lockgate.gpu import Gpus, open_gpus
-from lockgate.model import ModelVersion
-from lockgate.repository import READY, ModelRepository
+from lockgate.model import ModelState, ModelVersion
+from lockgate.repository import ModelRepository
 from lockgate.stats import Histogram
 
 log = logging.getLogger("lockgate.metrics")
@@ -85,7 +85,7 @@ class ModelCollector(Collector):
             labels=[*LABELS, "state"],
         )
         for name, version, state in self._repository.version_states():
-            ready.add_metric([name, version, state], 1 if state == READY else 0)
+            ready.add_metric([name, version, state.value], 1 if state == ModelState.READY else 0)
         # Triton's per-model cache families, for models whose cache is on.
         cache_hits = counter("nv_cache_num_hits_per_model", "Response cache hits per model")
         cache_misses = counter("nv_cache_num_misses_per_model", "Response cache misses per model")

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,29 +32,22 @@ from lockgate.errors import (
     ModelUnavailableError,
     clip,
 )
-from lockgate.model import ModelVersion, ServerStop
+from lockgate.loader import load_version
+from lockgate.model import ModelState, ModelVersion, ServerStop
+from lockgate.uploads import remove_scratch, write_model_files
 from lockgate_client._proto import model_config_pb2 as mc
 
 log = logging.getLogger("lockgate.repository")
 
-READY = "READY"
-LOADING = "LOADING"
-UNLOADING = "UNLOADING"
-UNAVAILABLE = "UNAVAILABLE"
 
 #: Versions are int64 in Triton: 19 digits. Longer strings are refused before
 #: int() sees them (Python refuses to convert more than 4300 digits).
 MAX_VERSION_DIGITS = 19
-#: Upload paths (``file:`` load parameters): a model directory is shallow.
-MAX_UPLOAD_PATH_CHARS = 1024
-MAX_UPLOAD_PATH_DEPTH = 16
-#: Upper bound on the bytes one RepositoryModelLoad may write to disk.
-MAX_LOAD_FILE_BYTES = 2**31 - 1
 
 
 @dataclass
 class VersionState:
-    state: str
+    state: ModelState
     reason: str = ""
     model: ModelVersion | None = None
 
@@ -70,11 +60,11 @@ class ModelSource:
     directory: Path
     single_file: Path | None = None
 
-    def config(self) -> tuple[mc.ModelConfig, bool]:
+    def config(self) -> mc.ModelConfig:
+        """Its ``config.pbtxt``; empty where there is none (Triton treats both alike)."""
         if self.single_file is not None:
-            return mc.ModelConfig(), False
-        has_file = (self.directory / "config.pbtxt").is_file()
-        return read_model_config(self.directory), has_file
+            return mc.ModelConfig()
+        return read_model_config(self.directory)
 
     def versions(self, config: mc.ModelConfig) -> dict[int, Path]:
         """Version number -> model file, filtered by the version policy."""
@@ -134,8 +124,7 @@ class ModelRepository:
             ResponseCache(config.response_cache_bytes) if config.response_cache_bytes else None
         )
         #: Versions no longer routed to whose queued requests are still finishing.
-        #: (By id: ModelVersion is a dataclass, compared by value, so not hashable.)
-        self._retiring: dict[int, ModelVersion] = {}
+        self._retiring: set[ModelVersion] = set()
 
     # --- lookup (hot path) ----------------------------------------------------
 
@@ -158,7 +147,7 @@ class ModelRepository:
         state = entry.versions.get(int(version))
         if state is None:
             raise ModelNotFoundError(f"model '{name}' has no version {version}")
-        if state.model is None or state.state != READY:
+        if state.model is None or state.state != ModelState.READY:
             detail = f": {state.reason}" if state.reason else ""
             raise ModelUnavailableError(
                 f"model '{name}' version {version} is not ready ({state.state}){detail}"
@@ -171,10 +160,10 @@ class ModelRepository:
             s.model
             for e in list(self._entries.values())
             for s in list(e.versions.values())
-            if s.model is not None and s.state == READY
+            if s.model is not None and s.state == ModelState.READY
         ]
 
-    def version_states(self) -> list[tuple[str, str, str]]:
+    def version_states(self) -> list[tuple[str, str, ModelState]]:
         """(name, version, state) of every version this server owes, ready or not.
 
         For /metrics: a failed or loading version must show as not ready, or an
@@ -182,7 +171,7 @@ class ModelRepository:
         failed before any version was known (a bad config.pbtxt) is version "".
         Models unloaded on request are left out: nothing is owed for them.
         """
-        rows: list[tuple[str, str, str]] = []
+        rows: list[tuple[str, str, ModelState]] = []
         # list(): the metrics thread calls this while the loop may change entries.
         for name, entry in sorted(list(self._entries.items())):
             if entry.unloaded:
@@ -192,33 +181,45 @@ class ModelRepository:
                 rows += [(name, str(v), s.state) for v, s in versions]
                 continue
             lock = self._locks.get(name)
-            rows.append((name, "", LOADING if lock is not None and lock.locked() else UNAVAILABLE))
+            rows.append(
+                (
+                    name,
+                    "",
+                    ModelState.LOADING
+                    if lock is not None and lock.locked()
+                    else ModelState.UNAVAILABLE,
+                )
+            )
         return rows
 
     def all_ready(self) -> bool:
         """Every known model has a ready version (strict readiness)."""
         return all(
-            e.unloaded or any(s.state == READY for s in e.versions.values())
+            e.unloaded or any(s.state == ModelState.READY for s in e.versions.values())
             for e in self._entries.values()
         )
 
-    def index(self, ready_only: bool = False) -> list[tuple[str, str, str, str]]:
+    def index(self, ready_only: bool = False) -> list[tuple[str, str, ModelState, str]]:
         """(name, version, state, reason) rows, as RepositoryIndex reports them."""
-        rows: list[tuple[str, str, str, str]] = []
+        rows: list[tuple[str, str, ModelState, str]] = []
         if not ready_only:
             # Like Triton, list models on disk that were never loaded (explicit mode).
             try:
                 on_disk = self.discover()
             except LockgateError:
                 on_disk = {}
-            rows += [(n, "", UNAVAILABLE, "not loaded") for n in on_disk if n not in self._entries]
+            rows += [
+                (n, "", ModelState.UNAVAILABLE, "not loaded")
+                for n in on_disk
+                if n not in self._entries
+            ]
         for name, entry in sorted(self._entries.items()):
             if not entry.versions:
                 if not ready_only:
-                    rows.append((name, "", UNAVAILABLE, entry.reason))
+                    rows.append((name, "", ModelState.UNAVAILABLE, entry.reason))
                 continue
             for version, state in sorted(entry.versions.items()):
-                if ready_only and state.state != READY:
+                if ready_only and state.state != ModelState.READY:
                     continue
                 rows.append((name, str(version), state.state, state.reason))
         return sorted(rows)
@@ -307,8 +308,8 @@ class ModelRepository:
                 if scratch is not None:
                     remove_scratch(scratch)
                 raise
-            failed = [s.reason for s in loaded.values() if s.state != READY]
-            serving = any(s.state == READY for s in old.values())
+            failed = [s.reason for s in loaded.values() if s.state != ModelState.READY]
+            serving = any(s.state == ModelState.READY for s in old.values())
             if serving and failed and len(failed) == len(loaded):
                 # A reload that loads nothing (a corrupted file...) must not take
                 # down the versions that serve now: they stay, as in Triton.
@@ -331,7 +332,7 @@ class ModelRepository:
             await self._retire(retired)
             if old_scratch is not None:
                 remove_scratch(old_scratch)
-            failed = [s.reason for s in loaded.values() if s.state != READY]
+            failed = [s.reason for s in loaded.values() if s.state != ModelState.READY]
             if loaded and len(failed) == len(loaded):
                 raise ModelLoadError(f"model '{name}' failed to load: {failed[0]}")
 
@@ -340,9 +341,8 @@ class ModelRepository:
     ) -> dict[int, VersionState]:
         if config_json is not None:
             config = parse_config_override(config_json, f"config for model '{source.name}'")
-            has_file = True
         else:
-            config, has_file = source.config()
+            config = source.config()
         paths = source.versions(config)
         if not paths:
             raise ModelLoadError(
@@ -354,17 +354,10 @@ class ModelRepository:
         for version, path in sorted(paths.items()):
             try:
                 self.stop.check_loading(source.name)
-                model = ModelVersion.load(
-                    source.name,
-                    version,
-                    path,
-                    config,
-                    self.config,
-                    has_file,
-                    self.stop,
-                    self.cache,
+                model = load_version(
+                    source.name, version, path, config, self.config, self.stop, self.cache
                 )
-                states[version] = VersionState(READY, model=model)
+                states[version] = VersionState(ModelState.READY, model=model)
             except LoadAbandonedError:
                 # Versions loaded already would serve nothing: free their instances.
                 for state in states.values():
@@ -373,10 +366,12 @@ class ModelRepository:
                 raise
             except LockgateError as exc:
                 log.error("model %s version %d failed to load: %s", source.name, version, exc)
-                states[version] = VersionState(UNAVAILABLE, reason=exc.message)
+                states[version] = VersionState(ModelState.UNAVAILABLE, reason=exc.message)
             except Exception as exc:  # a bug of ours must not take the others down
                 log.exception("model %s version %d failed to load", source.name, version)
-                states[version] = VersionState(UNAVAILABLE, reason=f"internal error: {exc}")
+                states[version] = VersionState(
+                    ModelState.UNAVAILABLE, reason=f"internal error: {exc}"
+                )
         return states
 
     async def unload(self, name: str) -> None:
@@ -387,7 +382,7 @@ class ModelRepository:
                 raise ModelNotFoundError(f"unknown model '{clip(name)}'")
             models = [s.model for s in entry.versions.values() if s.model is not None]
             for state in entry.versions.values():
-                state.state = UNLOADING
+                state.state = ModelState.UNLOADING
             self._default.pop(name, None)
             if not models:
                 log.info(
@@ -397,7 +392,7 @@ class ModelRepository:
                 )
             await self._retire(models)
             for state in entry.versions.values():
-                state.state = UNAVAILABLE
+                state.state = ModelState.UNAVAILABLE
                 state.reason = "unloaded"
                 state.model = None
             if entry.scratch is not None:
@@ -411,11 +406,11 @@ class ModelRepository:
 
     async def _retire_one(self, model: ModelVersion) -> None:
         started = time.monotonic()
-        self._retiring[id(model)] = model
+        self._retiring.add(model)
         try:
             await model.drain()
         finally:
-            del self._retiring[id(model)]
+            self._retiring.discard(model)
         model.close()
         drained = time.monotonic() - started
         log.info(
@@ -433,7 +428,7 @@ class ModelRepository:
 
     def _refresh_default(self, name: str) -> None:
         entry = self._entries[name]
-        ready = [v for v, s in entry.versions.items() if s.state == READY and s.model]
+        ready = [v for v, s in entry.versions.items() if s.state == ModelState.READY and s.model]
         if ready:
             model = entry.versions[max(ready)].model
             assert model is not None
@@ -444,7 +439,7 @@ class ModelRepository:
     async def drain(self) -> None:
         """Wait until every model's queue and instances are idle."""
         # Versions being unloaded too: the process must not exit under their batches.
-        models = self.ready_models() + list(self._retiring.values())
+        models = self.ready_models() + list(self._retiring)
         await asyncio.gather(*(m.drain() for m in models))
 
     def close(self) -> None:
@@ -463,68 +458,3 @@ def _is_number(text: str) -> bool:
 def _why(entry: ModelEntry) -> str:
     reasons = entry.reason or next((s.reason for s in entry.versions.values() if s.reason), "")
     return f": {reasons}" if reasons else ""
-
-
-def remove_scratch(model_dir: Path) -> None:
-    """Delete a directory made by ``write_model_files``, with its private parent."""
-    shutil.rmtree(model_dir.parent, ignore_errors=True)
-
-
-def write_model_files(name: str, files: dict[str, bytes]) -> Path:
-    """Write RepositoryModelLoad ``file:`` payloads into a fresh model directory.
-
-    Paths are relative to the model directory; absolute paths, ``..`` and
-    anything that resolves outside it are refused before anything is written.
-    """
-    if not name or any(c in name for c in "/\\\0") or name in (".", ".."):
-        raise InvalidInputError(f"invalid model name {clip(name)!r}")
-    total = sum(len(b) for b in files.values())
-    if total > MAX_LOAD_FILE_BYTES:
-        raise InvalidInputError(
-            f"model files total {total} bytes, over the limit of {MAX_LOAD_FILE_BYTES}"
-        )
-    root = Path(tempfile.mkdtemp(prefix="lockgate-load-"))
-    model_dir = root / name
-    relative = ""
-    try:
-        model_dir.mkdir()
-        for relative, content in files.items():
-            target = _safe_path(model_dir, relative)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # O_EXCL + O_NOFOLLOW: never write through a link planted earlier.
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(content)
-    except OSError as exc:  # a path that is both a file and a directory, too long...
-        shutil.rmtree(root, ignore_errors=True)
-        raise InvalidInputError(
-            f"cannot write model file {clip(relative)!r}: {exc.strerror or exc}"
-        ) from None
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
-    return model_dir
-
-
-def _safe_path(model_dir: Path, relative: str) -> Path:
-    if len(relative) > MAX_UPLOAD_PATH_CHARS or relative.count("/") >= MAX_UPLOAD_PATH_DEPTH:
-        # Before PurePosixPath and mkdir: thousands of levels exhaust recursion.
-        raise InvalidInputError(
-            f"file path {clip(relative)!r} is too long: at most {MAX_UPLOAD_PATH_CHARS} "
-            f"characters and {MAX_UPLOAD_PATH_DEPTH} levels"
-        )
-    pure = PurePosixPath(relative)
-    if (
-        not pure.parts
-        or pure.is_absolute()
-        or ".." in pure.parts
-        or "\\" in relative
-        or "\0" in relative
-    ):
-        raise InvalidInputError(
-            f"file path {clip(relative)!r} must be relative to the model directory, without '..'"
-        )
-    target = model_dir.joinpath(*pure.parts)
-    if not target.resolve().is_relative_to(model_dir.resolve()):
-        raise InvalidInputError(f"file path {clip(relative)!r} leaves the model directory")
-    return target

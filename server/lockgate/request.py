@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from lockgate.shm import Lease, Placement
 
 Array = npt.NDArray[Any]
+#: Output name -> array, for one request or one batch.
+Outputs = dict[str, Array]
 
 
 @dataclass(slots=True, eq=False)

@@ -1,8 +1,10 @@
-"""ONNX Runtime sessions: providers, session options, and running one batch.
+"""Model instances: ONNX Runtime sessions, and the threads that run batches on them.
 
 A ``Runner`` is one model instance: one ``InferenceSession`` whose ``run``
-is called from a worker thread (ONNX Runtime releases the GIL), never from
-the event loop.
+is called from its ``InstanceWorker`` thread (ONNX Runtime releases the GIL),
+never from the event loop. The thread merges a batch's inputs, runs the
+session, splits the outputs per request, and re-runs a batch ONNX Runtime
+rejects request by request so that only the request at fault fails.
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ import ctypes
 import functools
 import logging
 import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 import numpy as np
@@ -21,8 +27,8 @@ import onnxruntime as ort
 from lockgate import providers as execution
 from lockgate.binding import BoundRunner, GraphRunner, bindable
 from lockgate.config import OnnxTensor
-from lockgate.errors import ExecutionError, ModelLoadError
-from lockgate.request import Array
+from lockgate.errors import ExecutionError, LockgateError, ModelLoadError
+from lockgate.request import Array, InferRequest, Outputs
 from lockgate.reshape import Reshaper
 from lockgate_client._proto import model_config_pb2 as mc
 
@@ -250,3 +256,126 @@ def _describe(node: Any) -> OnnxTensor:
 def _short(exc: Exception) -> str:
     text = str(exc).strip()
     return text if len(text) < 500 else text[:500] + "..."
+
+
+# --- instance threads: merge, run, split -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One successful session run: its rows and compute input/infer/output ns."""
+
+    rows: int
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+
+
+@dataclass
+class BatchResult:
+    """What a worker thread hands back for one batch."""
+
+    #: Per request, in batch order: its outputs and the run that made them, or its error.
+    results: list[tuple[Outputs, Execution] | LockgateError]
+    #: The session runs that succeeded: one, or one per request after a re-run.
+    executions: list[Execution]
+
+
+def merge_inputs(batch: list[InferRequest]) -> dict[str, Array]:
+    """Concatenate the batch's inputs along the batch axis."""
+    if len(batch) == 1:
+        return batch[0].inputs
+    first = batch[0].inputs
+    return {name: np.concatenate([r.inputs[name] for r in batch]) for name in first}
+
+
+def split_outputs(outputs: Outputs, batch: list[InferRequest]) -> list[Outputs]:
+    """Give each request its own rows of every output (views, no copies)."""
+    if len(batch) == 1:
+        return [outputs]
+    total = sum(r.rows for r in batch)
+    for name, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] != total:
+            raise ExecutionError(
+                f"model output '{name}' has shape {list(value.shape)}; a batched model's "
+                f"outputs must start with the batch size ({total})"
+            )
+    parts: list[Outputs] = []
+    start = 0
+    for request in batch:
+        end = start + request.rows
+        parts.append({name: value[start:end] for name, value in outputs.items()})
+        start = end
+    return parts
+
+
+Done = Callable[["BatchResult | BaseException"], None]
+
+
+class InstanceWorker:
+    """The thread that runs one instance's batches.
+
+    A dedicated thread fed through a SimpleQueue costs about half the CPU of a
+    ThreadPoolExecutor round trip (measured: 58 vs 105 µs), which matters
+    when the model itself runs in 12 µs.
+    """
+
+    def __init__(self, runner: Runner, name: str) -> None:
+        self._runner = runner
+        self._queue: SimpleQueue[tuple[list[InferRequest], Done] | None] = SimpleQueue()
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def submit(self, batch: list[InferRequest], done: Done) -> None:
+        self._queue.put((batch, done))
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            batch, done = item
+            try:
+                outcome: BatchResult | BaseException = run_batch(self._runner, batch)
+            except BaseException as exc:  # delivered to the batch's callers
+                outcome = exc
+            done(outcome)
+
+
+def run_batch(runner: Runner, batch: list[InferRequest]) -> BatchResult:
+    """Merge, run and split one batch; runs in a worker thread.
+
+    If ONNX Runtime rejects a merged batch, each request is re-run alone so
+    that only the one at fault fails.
+    """
+    try:
+        return _run_merged(runner, batch)
+    except ExecutionError:
+        if len(batch) == 1:
+            raise
+    return _run_one_by_one(runner, batch)
+
+
+def _run_merged(runner: Runner, batch: list[InferRequest]) -> BatchResult:
+    clock = time.perf_counter_ns
+    start = clock()
+    feeds = merge_inputs(batch)
+    merged = clock()
+    outputs = runner.run(feeds)
+    ran = clock()
+    parts = split_outputs(outputs, batch)
+    run = Execution(sum(r.rows for r in batch), merged - start, ran - merged, clock() - ran)
+    return BatchResult([(part, run) for part in parts], [run])
+
+
+def _run_one_by_one(runner: Runner, batch: list[InferRequest]) -> BatchResult:
+    results: list[tuple[Outputs, Execution] | LockgateError] = []
+    executions: list[Execution] = []
+    for request in batch:
+        try:
+            alone = _run_merged(runner, [request])
+        except ExecutionError as error:
+            results.append(error)
+            continue
+        results += alone.results
+        executions += alone.executions
+    return BatchResult(results, executions)

@@ -307,7 +307,7 @@ class Servicer(service.GRPCInferenceServiceServicer):
         return pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(
-                    name=name, version=version, state=state, reason=reason
+                    name=name, version=version, state=state.value, reason=reason
                 )
                 for name, version, state, reason in self._repository.index(request.ready)
             ]
