@@ -13,7 +13,7 @@ FUZZ_SECONDS ?= 300
 FUZZ_CORPUS  ?= bench/results/fuzz-corpus
 PROTOS := $(wildcard protos/lockgate_client/_proto/*.proto)
 
-.PHONY: help install models run test lint typecheck check-protos protos prometheus bench fuzz soak clean
+.PHONY: help install models run test lint typecheck check-protos protos prometheus bench gpu-check fuzz soak clean
 
 help:  ## list the tasks
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -69,6 +69,12 @@ prometheus:  ## install Prometheus (Debian package) for the monitoring tests, if
 
 bench: models  ## benchmark: in-process ORT vs echo ceiling vs Lockgate, batched vs not
 	$(PY) bench/run.py --repository $(REPO) $(ARGS)
+
+# No $(STAMP) prerequisite: a GPU host has no network for `make install`;
+# the script installs what it needs from ARGS="--wheels DIR" into its own venv.
+GPU_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:  ## prove the CUDA path on a GPU host: ARGS="--wheels DIR" (ARGS="--device cpu": dry run)
+	$(GPU_PY) bench/gpu_check.py $(ARGS)
 
 # atheris is installed on demand, never by `make install`: it has no wheel for
 # some platforms and Pythons, and `make test` must not depend on it.

@@ -8,7 +8,7 @@ builds are byte-identical. Models are laid out as a Triton model repository::
 
 Usage::
 
-    python models/build.py [--out DIR] [--with-test-models] [--force]
+    python models/build.py [--out DIR] [--with-test-models] [--with-gpu-models] [--force]
 """
 
 from __future__ import annotations
@@ -531,6 +531,123 @@ def build_nobatch(repo: Path, *, force: bool = False) -> Path:
     )
 
 
+# --------------------------------------------------------------------------- GPU models
+
+#: ResNet-50's bottleneck stages: (width, blocks, stride of the first block).
+RESNET50_STAGES: Final = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
+RESNET_MAX_BATCH: Final = 64
+#: Scales each block's last convolution, standing in for the batch norms that
+#: this graph leaves out (inference folds them into the convolutions anyway):
+#: without it the 16 residual sums grow activations past FP16's range.
+RESNET_RESIDUAL_SCALE: Final = 0.2
+
+
+class _Graph:
+    """Nodes and weights of a convolutional graph under construction."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.weights: list[tuple[str, FloatArray]] = []
+
+    def conv(
+        self, x: str, name: str, c_in: int, c_out: int, k: int, stride: int, scale: float = 1.0
+    ) -> str:
+        w = _he_normal(self.rng, (c_out, c_in, k, k), c_in * k * k) * np.float32(scale)
+        self.weights += [(f"{name}.weight", w), (f"{name}.bias", _bias(self.rng, c_out))]
+        pad = k // 2
+        self.nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, f"{name}.weight", f"{name}.bias"],
+                [name],
+                kernel_shape=[k, k],
+                strides=[stride, stride],
+                pads=[pad] * 4,
+            )
+        )
+        return name
+
+    def relu(self, x: str) -> str:
+        self.nodes.append(helper.make_node("Relu", [x], [f"{x}.relu"]))
+        return f"{x}.relu"
+
+    def bottleneck(self, x: str, name: str, c_in: int, width: int, stride: int) -> str:
+        y = self.relu(self.conv(x, f"{name}.conv1", c_in, width, 1, 1))
+        y = self.relu(self.conv(y, f"{name}.conv2", width, width, 3, stride))
+        y = self.conv(y, f"{name}.conv3", width, 4 * width, 1, 1, RESNET_RESIDUAL_SCALE)
+        if stride != 1 or c_in != 4 * width:
+            x = self.conv(x, f"{name}.downsample", c_in, 4 * width, 1, stride)
+        self.nodes.append(helper.make_node("Add", [x, y], [f"{name}.sum"]))
+        return self.relu(f"{name}.sum")
+
+
+def resnet50_graph(seed: int = 50) -> tuple[list[onnx.NodeProto], list[tuple[str, FloatArray]]]:
+    """ResNet-50's layers (batch norms folded away), seeded He-initialised weights.
+
+    INPUT [batch, 3, 224, 224] -> OUTPUT [batch, 1000] softmax; 25.5 M
+    parameters, about 4 GFLOP a row, the shape of the model Triton's
+    examples and MLPerf serve.
+    """
+    g = _Graph(seed)
+    x = g.relu(g.conv("INPUT", "conv1", 3, 64, 7, 2))
+    g.nodes.append(
+        helper.make_node(
+            "MaxPool", [x], ["pool1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]
+        )
+    )
+    x, c_in = "pool1", 64
+    for stage, (width, blocks, stride) in enumerate(RESNET50_STAGES, start=1):
+        for block in range(blocks):
+            x = g.bottleneck(x, f"layer{stage}.{block}", c_in, width, stride if block == 0 else 1)
+            c_in = 4 * width
+    classes = 1000
+    g.weights += [
+        ("fc.weight", _he_normal(g.rng, (classes, c_in), c_in)),
+        ("fc.bias", _bias(g.rng, classes)),
+    ]
+    g.nodes += [
+        helper.make_node("GlobalAveragePool", [x], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
+        helper.make_node("Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["OUTPUT"], axis=1),
+    ]
+    return g.nodes, g.weights
+
+
+def build_resnet50(
+    repo: Path, name: str = "resnet50", *, fp16: bool = False, force: bool = False
+) -> Path:
+    """``resnet50`` (FP32) or ``resnet50_fp16``: the ResNet-50-shaped GPU example.
+
+    Both come from the same seeded weights (the FP16 one is their cast), so their
+    outputs agree to FP16 precision. Not in the default repository: at about 4
+    GFLOP a row it is a GPU model (``build.py --with-gpu-models``).
+    """
+    nodes, weights = resnet50_graph()
+    dtype = np.float16 if fp16 else np.float32
+    config_type = "TYPE_FP16" if fp16 else "TYPE_FP32"
+    initializers = [_const(n, w.astype(dtype)) for n, w in weights]
+    inputs = [Tensor("INPUT", config_type, (3, 224, 224))]
+    outputs = [Tensor("OUTPUT", config_type, (1000,))]
+    return write_single(
+        repo,
+        name,
+        nodes,
+        inputs,
+        outputs,
+        max_batch_size=RESNET_MAX_BATCH,
+        initializers=initializers,
+        dynamic_batching="dynamic_batching { max_queue_delay_microseconds: 100 }",
+        force=force,
+    )
+
+
+def build_resnet50_fp16(repo: Path, *, force: bool = False) -> Path:
+    """``resnet50_fp16``: ``resnet50`` with FP16 weights, input and output."""
+    return build_resnet50(repo, "resnet50_fp16", fp16=True, force=force)
+
+
 # --------------------------------------------------------------------------- repository
 
 
@@ -546,6 +663,8 @@ EXAMPLE_BUILDERS: Final[tuple[Builder, ...]] = (
     build_mlp,
     build_image_classifier,
 )
+#: Heavy models for GPU hosts, left out of the default repository.
+GPU_BUILDERS: Final[tuple[Builder, ...]] = (build_resnet50, build_resnet50_fp16)
 TEST_BUILDERS: Final[tuple[Builder, ...]] = (
     build_slow,
     build_gather_fail,
@@ -557,9 +676,13 @@ TEST_BUILDERS: Final[tuple[Builder, ...]] = (
 
 
 def build_repository(
-    repo: Path, with_test_models: bool = False, *, force: bool = False
+    repo: Path,
+    with_test_models: bool = False,
+    *,
+    with_gpu_models: bool = False,
+    force: bool = False,
 ) -> list[Path]:
-    """Build the example models (and the test models when asked) into ``repo``.
+    """Build the example models (and the test or GPU models when asked) into ``repo``.
 
     Returns the model directories. Files already holding the right bytes are kept
     unless ``force``, so a re-run rewrites nothing.
@@ -571,6 +694,8 @@ def build_repository(
             build_identity(repo, identity_model_name(config_type), config_type, force=force)
             for config_type in ONNX_TYPES
         ]
+    if with_gpu_models:
+        built += [build(repo, force=force) for build in GPU_BUILDERS]
     return built
 
 
@@ -587,11 +712,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--with-test-models", action="store_true", help="also build the test-suite models"
     )
     parser.add_argument(
+        "--with-gpu-models",
+        action="store_true",
+        help="also build the GPU models (resnet50, resnet50_fp16: 150 MB, a few seconds)",
+    )
+    parser.add_argument(
         "--force", action="store_true", help="rewrite files even when they are up to date"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    build_repository(args.out, args.with_test_models, force=args.force)
+    build_repository(
+        args.out, args.with_test_models, with_gpu_models=args.with_gpu_models, force=args.force
+    )
     return 0
 
 
