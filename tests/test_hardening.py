@@ -12,7 +12,8 @@ import queue
 import struct
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,7 +31,7 @@ from lockgate.uploads import MAX_UPLOAD_PATH_DEPTH, remove_scratch, write_model_
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import inference_service_pb2_grpc as svc
 from lockgate_client._proto import model_config_pb2 as mc
-from models.build import build_identity
+from models.build import build_identity, build_slow
 
 Tensor = pb.ModelInferRequest.InferInputTensor
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -336,3 +337,64 @@ def test_deep_upload_paths_are_refused() -> None:
         assert (model_dir / shallow).read_bytes() == b"x"
     finally:
         remove_scratch(model_dir)
+
+
+# --- 7. loading models are LOADING -------------------------------------------------------------
+
+#: Enough warmup runs of ``slow`` (~50 ms each) to keep it loading for a while.
+SLOW_WARMUP = """
+model_warmup [ { name: "hold" batch_size: 1 count: 40
+  inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 256 ] zero_data: true } } } ]
+"""
+
+
+def test_a_loading_model_is_reported_loading(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    build_slow(tmp_path, config_extra=SLOW_WARMUP)
+    server = start_server(tmp_path, "--model-control-mode", "explicit")
+    with grpc.insecure_channel(server.url) as channel:
+        stub = svc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        loading = stub.RepositoryModelLoad.future(
+            pb.RepositoryModelLoadRequest(model_name="slow"), timeout=300
+        )
+        seen: set[tuple[str, str, str]] = set()
+        while not loading.done():
+            index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=60)
+            seen |= {(m.name, m.state, m.reason) for m in index.models}
+        loading.result()
+        assert ("slow", "LOADING", "") in seen, seen
+        # Before the load began it may have been listed as on disk, "not loaded";
+        # never as UNAVAILABLE with no reason.
+        assert ("slow", "UNAVAILABLE", "") not in seen, seen
+        index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=60)
+        assert [(m.name, m.version, m.state) for m in index.models] == [("slow", "1", "READY")]
+
+
+# --- 8. two models under one name --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["files", "repositories"])
+def test_two_models_with_one_name_are_refused(tmp_path: Path, layout: str) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    if layout == "files":
+        for directory in (first, second):
+            build_identity(directory, "model", "TYPE_FP32")
+        paths = [first / "model" / "1" / "model.onnx", second / "model" / "1" / "model.onnx"]
+        (first / "model.onnx").write_bytes(paths[0].read_bytes())
+        (second / "model.onnx").write_bytes(paths[1].read_bytes())
+        locations = [first / "model.onnx", second / "model.onnx"]
+    else:
+        for directory in (first, second):
+            build_identity(directory, "model", "TYPE_FP32")
+        locations = [first, second]
+    server = launch_server(
+        locations[0], tmp_path, "--model-repository", str(locations[1]), wait=False
+    )
+    try:
+        assert server.process.wait(60) == 1
+    finally:
+        server.stop(5)
+    log = server.log()
+    assert "two models are named 'model'" in log
+    assert "rename one of them" in log

@@ -321,6 +321,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from lockgate.allocator import tune_malloc
 
     tune_malloc()  # before the server's threads exist
+    from lockgate.repository import DuplicateModelError
     from lockgate.security import SecurityConfigError
     from lockgate.server import LockgateServer
 
@@ -338,6 +339,9 @@ def run_serve(args: argparse.Namespace) -> int:
             runner.run(main())
     except (OSError, SecurityConfigError) as exc:
         log.error("%s", exc)
+        return 1
+    except DuplicateModelError as exc:
+        log.error("%s", exc.message)
         return 1
     return 0
 

@@ -52,6 +52,17 @@ class VersionState:
     model: ModelVersion | None = None
 
 
+class DuplicateModelError(ModelLoadError):
+    """Two model paths that would serve under one model name."""
+
+    def __init__(self, name: str, first: Path, second: Path) -> None:
+        super().__init__(
+            f"two models are named '{name}': {first} and {second}. A model is named "
+            "after its .onnx file or its directory in a repository; rename one of them "
+            "(e.g. copy it to a repository as <repository>/<name>/1/model.onnx)"
+        )
+
+
 @dataclass
 class ModelSource:
     """Where a model's files are: its directory, or a single .onnx file."""
@@ -59,6 +70,10 @@ class ModelSource:
     name: str
     directory: Path
     single_file: Path | None = None
+
+    @property
+    def location(self) -> Path:
+        return self.single_file or self.directory
 
     def config(self) -> mc.ModelConfig:
         """Its ``config.pbtxt``; empty where there is none (Triton treats both alike)."""
@@ -106,6 +121,8 @@ class ModelEntry:
     scratch: Path | None = None
     #: Unloaded on request: listed in the index, but not owed to strict readiness.
     unloaded: bool = False
+    #: A load is in progress (its versions are LOADING once they are known).
+    loading: bool = False
 
 
 class ModelRepository:
@@ -216,7 +233,8 @@ class ModelRepository:
         for name, entry in sorted(self._entries.items()):
             if not entry.versions:
                 if not ready_only:
-                    rows.append((name, "", ModelState.UNAVAILABLE, entry.reason))
+                    overall = ModelState.LOADING if entry.loading else ModelState.UNAVAILABLE
+                    rows.append((name, "", overall, "" if entry.loading else entry.reason))
                 continue
             for version, state in sorted(entry.versions.items()):
                 if ready_only and state.state != ModelState.READY:
@@ -232,17 +250,37 @@ class ModelRepository:
     def discover(self) -> dict[str, ModelSource]:
         """Every model found under the configured paths."""
         sources: dict[str, ModelSource] = {}
+
+        def add(source: ModelSource) -> None:
+            other = sources.get(source.name)
+            if other is not None:
+                raise DuplicateModelError(source.name, other.location, source.location)
+            sources[source.name] = source
+
         for location in self.config.model_repository:
             path = Path(location)
             if path.is_file() and path.suffix == ".onnx":
-                sources[path.stem] = ModelSource(path.stem, path.parent, single_file=path)
+                add(ModelSource(path.stem, path.parent, single_file=path))
                 continue
             if not path.is_dir():
                 raise ModelLoadError(f"model repository {path} is not a directory or .onnx file")
             for child in sorted(path.iterdir()):
                 if child.is_dir() and not child.name.startswith("."):
-                    sources[child.name] = ModelSource(child.name, child)
+                    add(ModelSource(child.name, child))
         return sources
+
+    def check_names(self) -> None:
+        """Raise DuplicateModelError if two model paths give one model name.
+
+        Called before the server starts: serving one of the two and silently
+        dropping the other would answer with the wrong model.
+        """
+        try:
+            self.discover()
+        except DuplicateModelError:
+            raise
+        except LockgateError:
+            pass  # reported per model when the loads run
 
     async def load_all(self, names: Iterable[str] | None = None) -> None:
         """Load the given models (all discovered ones by default), concurrently."""
@@ -295,12 +333,15 @@ class ModelRepository:
             self._entries[name] = new_entry if entry is None else entry
             target = self._entries[name]
             target.unloaded = False
+            target.loading = True
             try:
-                loaded = await asyncio.to_thread(self._load_versions, source, config_json)
+                config, paths = await asyncio.to_thread(self._plan_versions, source, config_json)
+                # Versions not serving yet show LOADING until they are loaded.
+                target.versions = {**{v: VersionState(ModelState.LOADING) for v in paths}, **old}
+                loaded = await asyncio.to_thread(self._load_versions, source, config, paths)
             except LockgateError as exc:
                 target.reason = exc.message
-                if not old:
-                    target.versions = {}
+                target.versions = old
                 if isinstance(exc, LoadAbandonedError):
                     log.info("%s", exc.message)  # the operator's doing, not a fault
                 else:
@@ -308,12 +349,15 @@ class ModelRepository:
                 if scratch is not None:
                     remove_scratch(scratch)
                 raise
+            finally:
+                target.loading = False
             failed = [s.reason for s in loaded.values() if s.state != ModelState.READY]
             serving = any(s.state == ModelState.READY for s in old.values())
             if serving and failed and len(failed) == len(loaded):
                 # A reload that loads nothing (a corrupted file...) must not take
                 # down the versions that serve now: they stay, as in Triton.
                 target.reason = failed[0]
+                target.versions = old
                 if scratch is not None:
                     remove_scratch(scratch)
                 raise ModelLoadError(
@@ -336,9 +380,10 @@ class ModelRepository:
             if loaded and len(failed) == len(loaded):
                 raise ModelLoadError(f"model '{name}' failed to load: {failed[0]}")
 
-    def _load_versions(
+    def _plan_versions(
         self, source: ModelSource, config_json: str | None
-    ) -> dict[int, VersionState]:
+    ) -> tuple[mc.ModelConfig, dict[int, Path]]:
+        """The model's config and the version files to load (reads the disk: in a thread)."""
         if config_json is not None:
             config = parse_config_override(config_json, f"config for model '{source.name}'")
         else:
@@ -350,6 +395,12 @@ class ModelRepository:
                 f"(expected {source.directory}/<version>/"
                 f"{config.default_model_filename or DEFAULT_MODEL_FILENAME})"
             )
+        return config, paths
+
+    def _load_versions(
+        self, source: ModelSource, config: mc.ModelConfig, paths: dict[int, Path]
+    ) -> dict[int, VersionState]:
+        """Load every planned version (blocking: in a thread); failures are kept per version."""
         states: dict[int, VersionState] = {}
         for version, path in sorted(paths.items()):
             try:
