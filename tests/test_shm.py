@@ -748,3 +748,43 @@ def test_perf_analyzer_shared_memory_mode(server: ServerProcess) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Throughput" in result.stdout
     assert set(os.listdir("/dev/shm")) <= before
+
+
+# --- authorization -----------------------------------------------------------------------
+
+
+def test_registration_needs_the_shm_scope(
+    start_server: Callable[..., ServerProcess],
+    model_repository: Path,
+    regions: Regions,
+    tmp_path: Path,
+) -> None:
+    """infer may use registered regions; registering, listing and unregistering need shm."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("reader infer\nsharer infer,shm\nadmin control\n")
+    server = start_server(model_repository, "--auth-token-file", str(tokens))
+    name, key, handle = regions.create(128)
+    a, b = _simple_inputs()
+    shm.set_shared_memory_region(handle, [a, b])
+
+    def headers(token: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {token}"}
+
+    with tc.InferenceServerClient(server.url) as triton:
+        for call in (
+            lambda: triton.register_system_shared_memory(name, key, 128, headers=headers("reader")),
+            lambda: triton.get_system_shared_memory_status(headers=headers("reader")),
+            lambda: triton.unregister_system_shared_memory(headers=headers("reader")),
+        ):
+            assert _code(call)[0] == grpc.StatusCode.PERMISSION_DENIED
+        triton.register_system_shared_memory(name, key, 128, headers=headers("sharer"))
+        assert name in triton.get_system_shared_memory_status(headers=headers("admin")).regions
+        inputs = [
+            tc.InferInput("INPUT0", [1, 16], "INT32"),
+            tc.InferInput("INPUT1", [1, 16], "INT32"),
+        ]
+        inputs[0].set_shared_memory(name, 64)
+        inputs[1].set_shared_memory(name, 64, offset=64)
+        result = triton.infer("simple", inputs, headers=headers("reader"))
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+        triton.unregister_system_shared_memory(name, headers=headers("admin"))

@@ -204,7 +204,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         "--auth-token-file",
         default=_env("auth-token-file", None),
         metavar="FILE",
-        help="bearer tokens, one per line: TOKEN [infer|control]",
+        help="bearer tokens, one per line: TOKEN [infer|shm|control] (comma-separated scopes)",
     )
     obs = serve.add_argument_group("observability")
     obs.add_argument(

@@ -54,9 +54,19 @@ CONTROL_METHODS = frozenset(
         "/inference.GRPCInferenceService/RepositoryModelUnload",
     }
 )
-#: ``infer``: inference, metadata, statistics, index. ``control`` also allows
-#: load/unload and implies ``infer``.
-SCOPES = frozenset({"infer", "control"})
+#: RPCs that map client memory into the server: need "shm" (or "control").
+#: A registered region is readable and writable by every request naming it.
+SHARED_MEMORY_METHODS = frozenset(
+    {
+        "/inference.GRPCInferenceService/SystemSharedMemoryRegister",
+        "/inference.GRPCInferenceService/SystemSharedMemoryUnregister",
+        "/inference.GRPCInferenceService/SystemSharedMemoryStatus",
+    }
+)
+#: ``infer``: inference, metadata, statistics, index. ``shm``: register,
+#: unregister and list shared-memory regions. ``control`` also allows
+#: load/unload and implies both.
+SCOPES = frozenset({"infer", "shm", "control"})
 ENV_TOKENS = "LOCKGATE_AUTH_TOKENS"
 #: The token file is stat()ed at most this often (seconds).
 TOKEN_RECHECK_S = 1.0
@@ -159,7 +169,7 @@ def _digest(token: bytes) -> bytes:
 
 
 def parse_tokens(lines: list[str], source: str) -> dict[str, frozenset[str]]:
-    """``TOKEN [infer|control|infer,control]`` lines; '#' starts a comment line.
+    """``TOKEN [infer|shm|control|infer,shm,...]`` lines; '#' starts a comment line.
 
     A token without scopes may infer but not load/unload models.
     """
@@ -277,7 +287,12 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         scopes = self._scopes(tuple(details.invocation_metadata or ()))
         if scopes is None:
             return _DENY_UNAUTHENTICATED
-        needed = "control" if method in CONTROL_METHODS else "infer"
+        if method in CONTROL_METHODS:
+            needed = "control"
+        elif method in SHARED_MEMORY_METHODS:
+            needed = "shm"
+        else:
+            needed = "infer"
         if needed in scopes or "control" in scopes:
             return await continuation(details)
         return _DENY_PERMISSION
