@@ -788,3 +788,89 @@ def test_registration_needs_the_shm_scope(
         result = triton.infer("simple", inputs, headers=headers("reader"))
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
         triton.unregister_system_shared_memory(name, headers=headers("admin"))
+
+
+# --- the SDK -------------------------------------------------------------------------------
+
+
+def _sdk_keys() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith(f"lockgate_{os.getpid()}_")}
+
+
+def test_sdk_region_inputs_and_outputs(server: ServerProcess) -> None:
+    from lockgate_client import AlreadyExistsError, Client, SharedMemoryRegion
+
+    a, b = _simple_inputs()
+    with Client(server.url) as client:
+        with client.create_shared_memory(f"sdk_{os.getpid()}", 1024) as region:
+            assert isinstance(region, SharedMemoryRegion)
+            status = client.shared_memory_status(region.name)
+            assert [(s.name, s.key, s.byte_size) for s in status] == [
+                (region.name, region.key, 1024)
+            ]
+            inputs = {"INPUT0": region.write(a), "INPUT1": region.write(b)}
+            sums = region.output(64)
+            outputs = client.infer("simple", inputs, outputs={"OUTPUT0": sums, "OUTPUT1": None})
+            np.testing.assert_array_equal(outputs["OUTPUT0"], a + b)
+            np.testing.assert_array_equal(outputs["OUTPUT1"], a - b)  # inline
+            # The shared output is a view of the region, no copy.
+            assert np.shares_memory(outputs["OUTPUT0"], region.read("INT32", [1, 16], sums.offset))
+            # Writing again reuses the room: the next call sees the new values.
+            region.reset()
+            inputs = {"INPUT0": region.write(b), "INPUT1": region.write(b)}
+            again = client.infer("simple", inputs, outputs={"OUTPUT0": sums})
+            np.testing.assert_array_equal(again["OUTPUT0"], b + b)
+            del outputs, again
+            with pytest.raises(AlreadyExistsError):
+                client.register_shared_memory(region)
+            with pytest.raises(ValueError, match="do not fit"):
+                region.write(np.zeros(1024, np.int32))
+        # close() unregistered it and removed the object.
+        assert region.name not in {s.name for s in client.shared_memory_status()}
+    assert _sdk_keys() == set()
+
+
+def test_sdk_region_bytes(server: ServerProcess) -> None:
+    from lockgate_client import Client
+
+    a = np.array([[str(i) for i in range(16)]], dtype=object)
+    b = np.array([["2"] * 16], dtype=object)
+    with (
+        Client(server.url) as client,
+        client.create_shared_memory(f"sdk_bytes_{os.getpid()}", 4096) as region,
+    ):
+        inputs = {"INPUT0": region.write(a), "INPUT1": region.write(b)}
+        outputs = client.infer(
+            "simple_string",
+            inputs,
+            outputs={"OUTPUT0": region.output(1024), "OUTPUT1": region.output(1024)},
+        )
+        assert [int(x) for x in outputs["OUTPUT0"].reshape(-1)] == [i + 2 for i in range(16)]
+        assert [int(x) for x in outputs["OUTPUT1"].reshape(-1)] == [i - 2 for i in range(16)]
+    assert _sdk_keys() == set()
+
+
+def test_sdk_async_region(server: ServerProcess) -> None:
+    import asyncio
+
+    from lockgate_client import AsyncClient, ModelNotFoundError
+
+    a, b = _simple_inputs()
+
+    async def main() -> None:
+        async with AsyncClient(server.url) as client:
+            region = await client.create_shared_memory(f"sdk_aio_{os.getpid()}", 256)
+            try:
+                inputs = {"INPUT0": region.write(a), "INPUT1": region.write(b)}
+                room = region.output(64)
+                outputs = await client.infer("simple", inputs, outputs={"OUTPUT0": room})
+                np.testing.assert_array_equal(outputs["OUTPUT0"], a + b)
+                del outputs
+                await client.unregister_shared_memory(region)
+                with pytest.raises(ModelNotFoundError, match="not registered"):
+                    await client.infer("simple", inputs)
+            finally:
+                region.close()
+
+    asyncio.run(main())
+    assert _sdk_keys() == set()

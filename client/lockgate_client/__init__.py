@@ -8,9 +8,11 @@ See ``docs/sdk.md`` for the full guide.
 """
 
 from lockgate_client._retry import RetryPolicy
+from lockgate_client._shm import SharedMemoryRegion, SharedOutput, SharedTensor
 from lockgate_client.aio import AsyncClient, AsyncStream
 from lockgate_client.client import Client, Stream
 from lockgate_client.errors import (
+    AlreadyExistsError,
     DeadlineExceededError,
     FailedPreconditionError,
     InferenceError,
@@ -32,6 +34,7 @@ from lockgate_client.types import (
     ModelMetadata,
     ModelStatistics,
     Outputs,
+    RegionStatus,
     ServerMetadata,
     StreamResponse,
 )
@@ -39,6 +42,7 @@ from lockgate_client.types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlreadyExistsError",
     "AsyncClient",
     "AsyncStream",
     "Client",
@@ -56,10 +60,14 @@ __all__ = [
     "Outputs",
     "PermissionDeniedError",
     "ProtocolError",
+    "RegionStatus",
     "RequestCancelledError",
     "ResourceExhaustedError",
     "RetryPolicy",
     "ServerMetadata",
+    "SharedMemoryRegion",
+    "SharedOutput",
+    "SharedTensor",
     "Stream",
     "StreamResponse",
     "UnauthenticatedError",

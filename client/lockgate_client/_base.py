@@ -20,6 +20,7 @@ from lockgate_client._channel import ChannelSettings, PemSource, make_settings
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import model_config_pb2 as mc
 from lockgate_client._retry import RetryPolicy, RetrySchedule
+from lockgate_client._shm import SharedOutput
 from lockgate_client._tracing import trace_metadata
 from lockgate_client.errors import LockgateError, error_from_stream_message
 from lockgate_client.types import (
@@ -28,6 +29,7 @@ from lockgate_client.types import (
     ModelMetadata,
     ModelStatistics,
     Outputs,
+    RegionStatus,
     ServerMetadata,
     StreamResponse,
 )
@@ -117,11 +119,15 @@ def unload_model(model: str, unload_dependents: bool) -> Call[None]:
     return Call("RepositoryModelUnload", request, _ignore, idempotent=False)
 
 
+#: ``infer(outputs=...)``: names, or name -> room in a region (None: inline).
+RequestedOutputs = Sequence[str] | Mapping[str, SharedOutput | None]
+
+
 def infer_request(
     model: str,
     inputs: Mapping[str, Any],
     *,
-    outputs: Sequence[str] | None = None,
+    outputs: RequestedOutputs | None = None,
     version: str = "",
     datatypes: Mapping[str, str] | None = None,
     request_id: str = "",
@@ -134,7 +140,12 @@ def infer_request(
     codec.encode_inputs(request, inputs, datatypes)
     if outputs is not None:
         for name in outputs:
-            request.outputs.add(name=name)
+            entry = request.outputs.add(name=name)
+            place = outputs.get(name) if isinstance(outputs, Mapping) else None
+            if place is not None:
+                codec.set_placement(
+                    entry.parameters, place.region.name, place.offset, place.byte_size
+                )
     for key, value in (parameters or {}).items():
         _set_parameter(request.parameters[key], value)
     if priority is not None:
@@ -159,8 +170,38 @@ def _set_parameter(param: pb.InferParameter, value: ParameterValue) -> None:
         raise TypeError(f"parameter value {value!r} is not bool, int, float or str")
 
 
-def infer_call(request: pb.ModelInferRequest) -> Call[Outputs]:
-    return Call("ModelInfer", request, codec.decode_outputs, idempotent=False)
+def shared_outputs(outputs: RequestedOutputs | None) -> dict[str, SharedOutput] | None:
+    """The outputs to read back from regions, if any."""
+    if not isinstance(outputs, Mapping):
+        return None
+    return {name: place for name, place in outputs.items() if place is not None} or None
+
+
+def infer_call(
+    request: pb.ModelInferRequest, outputs: RequestedOutputs | None = None
+) -> Call[Outputs]:
+    shared = shared_outputs(outputs)
+    if shared is None:
+        return Call("ModelInfer", request, codec.decode_outputs, idempotent=False)
+    return Call("ModelInfer", request, lambda r: codec.decode_outputs(r, shared), idempotent=False)
+
+
+def register_shared_memory(name: str, key: str, byte_size: int, offset: int) -> Call[None]:
+    request = pb.SystemSharedMemoryRegisterRequest(
+        name=name, key=key, offset=offset, byte_size=byte_size
+    )
+    # A retry after a lost reply would answer ALREADY_EXISTS: not retried.
+    return Call("SystemSharedMemoryRegister", request, _ignore, idempotent=False)
+
+
+def unregister_shared_memory(name: str) -> Call[None]:
+    request = pb.SystemSharedMemoryUnregisterRequest(name=name)
+    return Call("SystemSharedMemoryUnregister", request, _ignore)
+
+
+def shared_memory_status(name: str) -> Call[list[RegionStatus]]:
+    request = pb.SystemSharedMemoryStatusRequest(name=name)
+    return Call("SystemSharedMemoryStatus", request, lambda r: list(r.regions.values()))
 
 
 def stream_response(message: pb.ModelStreamInferResponse) -> StreamResponse:

@@ -16,8 +16,9 @@ import grpc
 import grpc.aio
 
 from lockgate_client import _base
-from lockgate_client._base import BaseClient, Call, ParameterValue
+from lockgate_client._base import BaseClient, Call, ParameterValue, RequestedOutputs
 from lockgate_client._proto import inference_service_pb2_grpc as service
+from lockgate_client._shm import SharedMemoryRegion
 from lockgate_client.errors import DeadlineExceededError, LockgateError, error_from_rpc
 from lockgate_client.types import (
     ModelConfig,
@@ -25,6 +26,7 @@ from lockgate_client.types import (
     ModelMetadata,
     ModelStatistics,
     Outputs,
+    RegionStatus,
     ServerMetadata,
     StreamResponse,
 )
@@ -100,7 +102,7 @@ class AsyncClient(BaseClient):
         model: str,
         inputs: Mapping[str, Any],
         *,
-        outputs: Sequence[str] | None = None,
+        outputs: RequestedOutputs | None = None,
         version: str = "",
         datatypes: Mapping[str, str] | None = None,
         request_id: str = "",
@@ -122,7 +124,7 @@ class AsyncClient(BaseClient):
             queue_timeout=queue_timeout,
             parameters=parameters,
         )
-        return await self._invoke(_base.infer_call(request), timeout, retries)
+        return await self._invoke(_base.infer_call(request, outputs), timeout, retries)
 
     def stream(self, model: str, *, version: str = "", timeout: float | None = None) -> AsyncStream:
         """Open a bidirectional inference stream; see ``Client.stream``."""
@@ -207,6 +209,56 @@ class AsyncClient(BaseClient):
     ) -> None:
         """Unload ``model``."""
         await self._invoke(_base.unload_model(model, unload_dependents), timeout)
+
+    # System shared memory
+
+    async def create_shared_memory(
+        self, name: str, byte_size: int, *, timeout: float | None = None
+    ) -> SharedMemoryRegion:
+        """Create a shared-memory region of ``byte_size`` bytes and register it as ``name``.
+
+        The server must run on this host. Place inputs with ``region.write(array)``
+        and room for outputs with ``region.output(nbytes)``, then pass them to
+        :meth:`infer`; outputs in the region come back as views of it.
+        ``region.close()`` (or ``with``) unregisters it, unmaps and removes it.
+        Closing the region does not unregister it (close() cannot await):
+        ``await client.unregister_shared_memory(region)`` first.
+        """
+        region = SharedMemoryRegion(name, byte_size)
+        try:
+            await self.register_shared_memory(region, timeout=timeout)
+        except BaseException:
+            region.close()
+            raise
+        return region
+
+    async def register_shared_memory(
+        self, region: SharedMemoryRegion, *, offset: int = 0, timeout: float | None = None
+    ) -> None:
+        """Register ``region`` (from ``offset`` to its end) under ``region.name``.
+
+        Raises AlreadyExistsError when the server has a region of that name.
+        """
+        call = _base.register_shared_memory(
+            region.name, region.key, region.byte_size - offset, offset
+        )
+        await self._invoke(call, timeout)
+
+    async def unregister_shared_memory(
+        self, region: SharedMemoryRegion | str = "", *, timeout: float | None = None
+    ) -> None:
+        """Unregister a region (by object or name); every region when ``""``.
+
+        Unknown names are no error. Requests using the region finish first.
+        """
+        name = region.name if isinstance(region, SharedMemoryRegion) else region
+        await self._invoke(_base.unregister_shared_memory(name), timeout)
+
+    async def shared_memory_status(
+        self, name: str = "", *, timeout: float | None = None
+    ) -> list[RegionStatus]:
+        """The registered regions (name, key, offset, byte_size); all of them for ``""``."""
+        return await self._invoke(_base.shared_memory_status(name), timeout)
 
 
 class AsyncStream:

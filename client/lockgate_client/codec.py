@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lockgate_client._proto import grpc_service_pb2 as pb
+from lockgate_client._shm import SharedOutput, SharedTensor
 from lockgate_client.datatypes import (
     CONTENTS_FIELD,
     WIRE_DTYPES,
@@ -113,9 +114,34 @@ def encode_inputs(
     if unknown:
         raise ValueError(f"datatypes given for inputs not sent: {sorted(unknown)}")
     for name, value in inputs.items():
+        if isinstance(value, SharedTensor):
+            _add_shared_input(request, name, value, overrides.get(name))
+            continue
         datatype, shape, raw = encode_tensor(value, overrides.get(name))
         request.inputs.add(name=name, datatype=datatype, shape=shape)
         request.raw_input_contents.append(raw)
+
+
+def _add_shared_input(
+    request: pb.ModelInferRequest, name: str, tensor: SharedTensor, datatype: str | None
+) -> None:
+    """An input that lies in a registered region: its reference, no bytes.
+
+    The parameters are Triton's (what tritonclient's ``set_shared_memory``
+    sends); raw_input_contents holds entries for inline inputs only.
+    """
+    if datatype is not None and datatype != tensor.datatype:
+        raise TypeError(f"input {name!r} was written as {tensor.datatype}, not {datatype}")
+    entry = request.inputs.add(name=name, datatype=tensor.datatype, shape=tensor.shape)
+    set_placement(entry.parameters, tensor.region.name, tensor.offset, tensor.byte_size)
+
+
+def set_placement(parameters: Any, region: str, offset: int, byte_size: int) -> None:
+    """Triton's shared-memory tensor parameters (offset only when not 0, as tritonclient)."""
+    parameters["shared_memory_region"].string_param = region
+    parameters["shared_memory_byte_size"].int64_param = byte_size
+    if offset:
+        parameters["shared_memory_offset"].int64_param = offset
 
 
 def decode_tensor(datatype: str, shape: Sequence[int], raw: bytes) -> npt.NDArray[Any]:
@@ -158,15 +184,24 @@ def _decode_typed(output: pb.ModelInferResponse.InferOutputTensor) -> npt.NDArra
     return array.reshape(tuple(output.shape))
 
 
-def decode_outputs(response: pb.ModelInferResponse) -> dict[str, npt.NDArray[Any]]:
-    """Decode every output of ``response`` into ``{name: array}``, in reply order."""
+def decode_outputs(
+    response: pb.ModelInferResponse, shared: Mapping[str, SharedOutput] | None = None
+) -> dict[str, npt.NDArray[Any]]:
+    """Decode every output of ``response`` into ``{name: array}``, in reply order.
+
+    Outputs named in ``shared`` were written into their region by the server
+    (their raw entry is empty): they are read from there.
+    """
     # Each index into a repeated bytes field copies it: read the list once.
     raw = list(response.raw_output_contents)
     if raw and len(raw) != len(response.outputs):
         raise ProtocolError(f"{len(response.outputs)} outputs but {len(raw)} raw contents")
     result: dict[str, npt.NDArray[Any]] = {}
     for i, output in enumerate(response.outputs):
-        if raw:
+        place = shared.get(output.name) if shared else None
+        if place is not None:
+            result[output.name] = place.region.read(output.datatype, output.shape, place.offset)
+        elif raw:
             result[output.name] = decode_tensor(output.datatype, output.shape, raw[i])
         else:
             result[output.name] = _decode_typed(output)

@@ -65,9 +65,15 @@ class LockgateError(Exception):
 
 
 class ModelNotFoundError(LockgateError):
-    """No such model or version (``NOT_FOUND``)."""
+    """No such model or version, or no shared-memory region of that name (``NOT_FOUND``)."""
 
     code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExistsError(LockgateError):
+    """A shared-memory region of that name is registered already (``ALREADY_EXISTS``)."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
 
 
 class InvalidInputError(LockgateError):
@@ -148,6 +154,7 @@ _BY_CODE: Final[dict[grpc.StatusCode, type[LockgateError]]] = {
     cls.code: cls
     for cls in (
         ModelNotFoundError,
+        AlreadyExistsError,
         InvalidInputError,
         UnavailableError,
         DeadlineExceededError,

@@ -24,6 +24,7 @@ __all__ = [
     "ModelMetadata",
     "ModelStatistics",
     "Outputs",
+    "RegionStatus",
     "ServerMetadata",
     "StreamResponse",
 ]
@@ -39,6 +40,8 @@ ModelConfig: TypeAlias = _mc.ModelConfig
 ModelStatistics: TypeAlias = _pb.ModelStatistics
 #: One entry of ``models()``: ``name``, ``version``, ``state``, ``reason``.
 ModelIndex: TypeAlias = _pb.RepositoryIndexResponse.ModelIndex
+#: One entry of ``shared_memory_status()``: ``name``, ``key``, ``offset``, ``byte_size``.
+RegionStatus: TypeAlias = _pb.SystemSharedMemoryStatusResponse.RegionStatus
 #: What ``infer`` returns: output name -> array.
 Outputs: TypeAlias = dict[str, npt.NDArray[Any]]
 
