@@ -874,3 +874,26 @@ def test_sdk_async_region(server: ServerProcess) -> None:
 
     asyncio.run(main())
     assert _sdk_keys() == set()
+
+
+def test_cli_bench_shared_memory(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    """lockgate bench --shared-memory system: a region per worker, all removed after."""
+    import json
+
+    from lockgate.cli import main
+
+    for model in ("simple", "simple_string", "nobatch"):
+        code = main(
+            [
+                *("bench", model, "--url", server.url, "--concurrency", "1,3"),
+                *("--duration", "0.5", "--warmup", "0", "--json", "--batch", "2"),
+                *("--shared-memory", "system"),
+            ]
+        )
+        report = json.loads(capsys.readouterr().out)
+        assert code == 0 and report["shared_memory"] == "system"
+        assert all(r["requests"] > 0 and r["errors"] == 0 for r in report["results"]), report
+    assert _sdk_keys() == set()
+    with tc.InferenceServerClient(server.url) as triton:
+        regions = triton.get_system_shared_memory_status().regions
+        assert not [name for name in regions if name.startswith("lockgate_bench_")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import time
@@ -21,7 +22,15 @@ from typing import Any, TextIO
 import numpy as np
 import numpy.typing as npt
 
-from lockgate_client import AsyncClient, Client, LockgateError, ModelMetadata, ModelStatistics
+from lockgate_client import (
+    AsyncClient,
+    Client,
+    LockgateError,
+    ModelMetadata,
+    ModelStatistics,
+    SharedMemoryRegion,
+    SharedOutput,
+)
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client.datatypes import WIRE_DTYPES
 
@@ -85,6 +94,14 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
         "--warmup", type=float, default=1.0, help="unmeasured seconds per level (default: 1)"
     )
     bench.add_argument("--batch", type=int, default=1, help="rows per request (default: 1)")
+    bench.add_argument(
+        "--shared-memory",
+        choices=["none", "system"],
+        default="none",
+        help="system: each worker places its inputs and fixed-size outputs in its own "
+        "POSIX shared-memory region, registered with the server (which must run on "
+        "this host), as perf_analyzer --shared-memory system does (default: none)",
+    )
     bench.add_argument("--version", default="")
     bench.add_argument("--json", action="store_true", help="print results as JSON")
     bench.set_defaults(func=run_bench)
@@ -351,18 +368,74 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         if args.batch > 1 and not batched:
             print(f"note: {args.model} does not batch; sending 1 row", file=sys.stderr)
         inputs, datatypes = random_inputs(meta, rows, batched, np.random.default_rng(0))
-        results = []
-        for concurrency in args.concurrency:
-            level = _Level(concurrency)
-            await _run_level(client, args, level, inputs, datatypes)
-            results.append(_summary(level, args.duration, rows))
+        requests = [_Request(inputs, None)]
+        regions: list[SharedMemoryRegion] = []
+        try:
+            if args.shared_memory == "system":
+                for index in range(max(args.concurrency)):
+                    region, request = await _shared_request(
+                        client, meta, inputs, datatypes, rows, batched, index
+                    )
+                    regions.append(region)
+                    requests.append(request)
+                del requests[0]
+            results = []
+            for concurrency in args.concurrency:
+                level = _Level(concurrency)
+                await _run_level(client, args, level, requests, datatypes)
+                results.append(_summary(level, args.duration, rows))
+        finally:
+            for region in regions:
+                await client.unregister_shared_memory(region)
+                region.close()
     return {
         "model": args.model,
         "version": args.version,
         "batch": rows,
+        "shared_memory": args.shared_memory,
         "duration": args.duration,
         "results": results,
     }
+
+
+@dataclass
+class _Request:
+    """What one worker sends: arrays, or references into its region."""
+
+    inputs: dict[str, Any]
+    outputs: dict[str, SharedOutput | None] | None
+
+
+async def _shared_request(
+    client: AsyncClient,
+    meta: ModelMetadata,
+    inputs: dict[str, npt.NDArray[Any]],
+    datatypes: dict[str, str],
+    rows: int,
+    batched: bool,
+    index: int,
+) -> tuple[SharedMemoryRegion, _Request]:
+    """A region for one worker holding its inputs, and room for its fixed-size outputs.
+
+    Outputs of unknown size (a variable dimension, BYTES) come back inline.
+    """
+    sizes: dict[str, int | None] = {}
+    for tensor in meta.outputs:
+        shape = list(tensor.shape)
+        if batched and shape:
+            shape[0] = rows
+        known = all(d >= 0 for d in shape) and tensor.datatype in WIRE_DTYPES
+        fixed = known and tensor.datatype != "BYTES"
+        sizes[tensor.name] = (
+            math.prod(shape) * WIRE_DTYPES[tensor.datatype].itemsize if fixed else None
+        )
+    # Serialized BYTES inputs are a little larger than their text: room to spare.
+    room = sum(a.nbytes + 4 * a.size + 64 for a in inputs.values())
+    room += sum(size + 64 for size in sizes.values() if size is not None)
+    region = await client.create_shared_memory(f"lockgate_bench_{os.getpid()}_{index}", room)
+    placed = {name: region.write(array, datatype=datatypes[name]) for name, array in inputs.items()}
+    outputs = {name: None if size is None else region.output(size) for name, size in sizes.items()}
+    return region, _Request(placed, outputs)
 
 
 async def _batches(client: AsyncClient, model: str, version: str, meta: ModelMetadata) -> bool:
@@ -410,17 +483,23 @@ async def _run_level(
     client: AsyncClient,
     args: argparse.Namespace,
     level: _Level,
-    inputs: dict[str, npt.NDArray[Any]],
+    requests: list[_Request],
     datatypes: dict[str, str],
 ) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + args.warmup + args.duration
 
-    async def worker() -> None:
+    async def worker(request: _Request) -> None:
         while loop.time() < end:
             sent = time.perf_counter()
             try:
-                await client.infer(args.model, inputs, version=args.version, datatypes=datatypes)
+                await client.infer(
+                    args.model,
+                    request.inputs,
+                    outputs=request.outputs,
+                    version=args.version,
+                    datatypes=datatypes,
+                )
             except LockgateError as exc:
                 if level.measuring:
                     level.errors += 1
@@ -442,7 +521,9 @@ async def _run_level(
         _progress(level, args.duration)
         print(file=sys.stderr)
 
-    await asyncio.gather(measure(), *(worker() for _ in range(level.concurrency)))
+    # Shared memory: a region per worker, so no two requests write the same bytes.
+    mine = [requests[i % len(requests)] for i in range(level.concurrency)]
+    await asyncio.gather(measure(), *(worker(request) for request in mine))
 
 
 def _progress(level: _Level, duration: float) -> None:
