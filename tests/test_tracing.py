@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from support import ServerProcess, free_port
 
-from lockgate import batcher, tracing
+from lockgate import tracing
 from lockgate.config import ServerConfig
 from lockgate.errors import InvalidInputError
 from lockgate.request import InferRequest
@@ -42,22 +43,30 @@ def traceparent(sampled: bool = True) -> str:
 # --- in-process: tracing.py alone -------------------------------------------------------
 
 
+@dataclass
+class Traced:
+    """A tracer exporting to memory."""
+
+    tracer: tracing.Tracer
+    exporter: InMemorySpanExporter
+
+
 @pytest.fixture
-def exporter(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+def traced(monkeypatch: pytest.MonkeyPatch) -> Iterator[Traced]:
     for name in ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_SDK_DISABLED"):
         monkeypatch.delenv(name, raising=False)
     memory = InMemorySpanExporter()
-    assert tracing.setup(ServerConfig(), SimpleSpanProcessor(memory))
-    yield memory
-    tracing.shutdown()
-    assert not tracing.enabled
-    assert batcher.batch_observer is None
+    tracer = tracing.setup(ServerConfig(), SimpleSpanProcessor(memory))
+    assert tracer is not None
+    yield Traced(tracer, memory)
+    tracer.shutdown()
 
 
 class FakeModel:
     """Plays Servicer._infer + the scheduler: two requests become one batch."""
 
-    def __init__(self, batch_size: int) -> None:
+    def __init__(self, tracer: tracing.Tracer, batch_size: int) -> None:
+        self.tracer = tracer
         self.stats = ModelStats("simple", "1")
         self.batch_size = batch_size
         self.waiting: list[InferRequest] = []
@@ -81,9 +90,7 @@ class FakeModel:
             now = time.monotonic_ns()
             for each in self.waiting:
                 each.dequeue_ns = now
-            observer = batcher.batch_observer
-            assert observer is not None
-            observer(self.stats, self.waiting, None)
+            self.tracer.observe_batch(self.stats, self.waiting, None)
             self.ran.set()
         await self.ran.wait()
         return pb.ModelInferResponse(model_name="simple", model_version="1", id=request.id)
@@ -92,21 +99,21 @@ class FakeModel:
 def call(model: FakeModel, request_id: str, sampled: bool = True) -> Any:
     request = pb.ModelInferRequest(model_name="simple", id=request_id)
     metadata = [("traceparent", traceparent(sampled)), ("user-agent", "test")]
-    return tracing.traced("ModelInfer", model.infer, request, None, metadata)
+    return model.tracer.traced("ModelInfer", model.infer, request, None, metadata)
 
 
 def by_name(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
     return [s for s in spans if s.name == name]
 
 
-def test_request_queue_and_execute_spans(exporter: InMemorySpanExporter) -> None:
-    model = FakeModel(batch_size=2)
+def test_request_queue_and_execute_spans(traced: Traced) -> None:
+    model = FakeModel(traced.tracer, batch_size=2)
 
     async def run() -> None:
         await asyncio.gather(call(model, "a"), call(model, "b"))
 
     asyncio.run(run())
-    spans = exporter.get_finished_spans()
+    spans = traced.exporter.get_finished_spans()
     servers = by_name(spans, "ModelInfer")
     assert len(servers) == 2
     for span in servers:
@@ -141,15 +148,15 @@ def test_request_queue_and_execute_spans(exporter: InMemorySpanExporter) -> None
     assert attributes["lockgate.status"] == "OK"
 
 
-def test_failed_request_span(exporter: InMemorySpanExporter) -> None:
-    model = FakeModel(batch_size=1)
+def test_failed_request_span(traced: Traced) -> None:
+    model = FakeModel(traced.tracer, batch_size=1)
 
     async def run() -> None:
         with pytest.raises(InvalidInputError):
             await call(model, "bad")
 
     asyncio.run(run())
-    (span,) = exporter.get_finished_spans()  # decoding failed: no queue, no batch
+    (span,) = traced.exporter.get_finished_spans()  # decoding failed: no queue, no batch
     assert span.name == "ModelInfer"
     assert span.status.status_code == StatusCode.ERROR
     assert "INT8" in (span.status.description or "")
@@ -159,10 +166,10 @@ def test_failed_request_span(exporter: InMemorySpanExporter) -> None:
     assert attributes["lockgate.request_id"] == "bad"
 
 
-def test_unsampled_caller_records_nothing(exporter: InMemorySpanExporter) -> None:
-    model = FakeModel(batch_size=1)
+def test_unsampled_caller_records_nothing(traced: Traced) -> None:
+    model = FakeModel(traced.tracer, batch_size=1)
     asyncio.run(call(model, "quiet", sampled=False))
-    assert exporter.get_finished_spans() == ()
+    assert traced.exporter.get_finished_spans() == ()
 
 
 def test_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,8 +181,7 @@ def test_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     ):
         monkeypatch.delenv(name, raising=False)
     assert not tracing.wanted(ServerConfig())
-    assert not tracing.setup(ServerConfig())
-    assert not tracing.enabled
+    assert tracing.setup(ServerConfig()) is None
     assert tracing.wanted(ServerConfig(trace=True))
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
     assert tracing.wanted(ServerConfig())

@@ -43,10 +43,9 @@ log = logging.getLogger("lockgate.batcher")
 
 
 #: Observability hook: called on the event loop as each batch finishes, with the
-#: model's stats, the batch and its error (None when it ran). lockgate.tracing
-#: sets it; left None it costs one check per batch and nothing per request.
+#: model's stats, the batch and its error (None when it ran). Given to the
+#: scheduler when its version loads (tracing's); None costs one check per batch.
 BatchObserver = Callable[[ModelStats, list[InferRequest], BaseException | None], None]
-batch_observer: BatchObserver | None = None
 
 
 @dataclass(frozen=True)
@@ -103,9 +102,11 @@ class Scheduler:
         config: mc.ModelConfig,
         runners: list[Runner],
         stats: ModelStats,
+        observer: BatchObserver | None = None,
     ) -> None:
         self._idle = list(runners)
         self._stats = stats
+        self._observer = observer
         self._workers = {
             id(runner): InstanceWorker(runner, f"lockgate-{config.name}-{i}")
             for i, runner in enumerate(runners)
@@ -370,8 +371,8 @@ class Scheduler:
     ) -> None:
         self._running -= 1
         self._idle.append(runner)
-        if batch_observer is not None:
-            batch_observer(
+        if self._observer is not None:
+            self._observer(
                 self._stats, batch, outcome if isinstance(outcome, BaseException) else None
             )
         if self.preserve_ordering:

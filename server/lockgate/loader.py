@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lockgate.batcher import Scheduler
+from lockgate.batcher import BatchObserver, Scheduler
 from lockgate.cache import ResponseCache
 from lockgate.codec import Limits, TensorSpec
 from lockgate.config import ServerConfig, complete_config, validate_config
 from lockgate.errors import LockgateError, ModelLoadError
-from lockgate.model import ModelVersion, ServerStop
+from lockgate.lifecycle import Lifecycle
+from lockgate.model import ModelVersion
 from lockgate.reshape import Reshaper
 from lockgate.runner import Runner, plan_instances
 from lockgate.stats import ModelStats
@@ -35,13 +36,14 @@ def load_version(
     path: Path,
     config: mc.ModelConfig,
     server: ServerConfig,
-    stop: ServerStop,
+    lifecycle: Lifecycle,
     cache: ResponseCache | None = None,
+    observer: BatchObserver | None = None,
 ) -> ModelVersion:
     """Create the sessions, complete and check the config, warm up. Blocking.
 
     Raises LoadAbandonedError between two steps (sessions, warmup runs) once
-    ``stop`` says the server is stopping: a session being created cannot be
+    ``lifecycle`` says the server is stopping: a session being created cannot be
     interrupted, but a long warmup or many instances need not hold up the exit.
     """
     started = time.monotonic()
@@ -59,7 +61,7 @@ def load_version(
     placements = plan_instances(config)
     runners = [first]
     for placement in placements[1:]:
-        stop.check_loading(name)
+        lifecycle.check_loading(name)
         runners.append(Runner(path, config, placement))
     reshaper = Reshaper.from_config(config)
     for runner in runners:
@@ -77,7 +79,7 @@ def load_version(
         version=str(version),
         config=config,
         runners=runners,
-        scheduler=Scheduler(config, runners, stats),
+        scheduler=Scheduler(config, runners, stats, observer),
         stats=stats,
         inputs=inputs,
         outputs=outputs,
@@ -90,11 +92,11 @@ def load_version(
             max_bytes_elements=server.max_bytes_tensor_elements,
         ),
         output_datatypes={n: s.datatype for n, s in outputs.items()},
-        stop=stop,
+        lifecycle=lifecycle,
         cache=_model_cache(config, cache),
     )
     try:
-        warmup(model, stop)
+        warmup(model)
     except BaseException:
         model.close()  # its instance threads would otherwise outlive it
         raise
@@ -113,7 +115,7 @@ def load_version(
     return model
 
 
-def warmup(model: ModelVersion, stop: ServerStop) -> None:
+def warmup(model: ModelVersion) -> None:
     """Run the config's ``model_warmup`` samples before the version reports ready."""
     for sample in model.config.model_warmup:
         count = max(1, sample.count)
@@ -132,7 +134,7 @@ def warmup(model: ModelVersion, stop: ServerStop) -> None:
             feeds[name] = value
         for runner in model.runners:
             for _ in range(count):
-                stop.check_loading(model.name)
+                model.lifecycle.check_loading(model.name)
                 try:
                     runner.run(feeds)
                 except LockgateError as exc:

@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lockgate.batcher import Scheduler
 from lockgate.cache import ResponseCache
 from lockgate.codec import Limits, TensorSpec
-from lockgate.errors import LoadAbandonedError, LockgateError
+from lockgate.errors import LockgateError
+from lockgate.lifecycle import Lifecycle
 from lockgate.request import InferRequest, Outputs
 from lockgate.runner import Runner
 from lockgate.stats import ModelStats
@@ -32,41 +32,6 @@ class ModelState(enum.StrEnum):
     LOADING = "LOADING"
     UNLOADING = "UNLOADING"
     UNAVAILABLE = "UNAVAILABLE"
-
-
-class ServerStop:
-    """How far the server's stop has got, as the models need to know it.
-
-    One instance per server, shared by the repository and every model version.
-    """
-
-    def __init__(self) -> None:
-        #: Set at the first SIGTERM/SIGINT: loads in progress give up at their next
-        #: step and no new one starts. An Event: load threads read it.
-        self.loads_abandoned = threading.Event()
-        #: The drain deadline passed: from now on requests are cancelled by the
-        #: server stopping under them, not by their callers.
-        self.drain_expired = False
-
-    def check_loading(self, name: str) -> None:
-        """Raise LoadAbandonedError if the server is stopping (load threads call this)."""
-        if self.loads_abandoned.is_set():
-            raise LoadAbandonedError(
-                f"loading model '{name}' was abandoned: the server is stopping"
-            )
-
-    def cancellation(self, deadline: float | None) -> tuple[str, str]:
-        """Why a request was cancelled: its failure reason and log message.
-
-        The reason is what the failure statistics and metrics count, so a pod
-        cut short by its drain time shows as the server's doing (UNAVAILABLE),
-        not as impatient clients.
-        """
-        if deadline is not None and time.monotonic() >= deadline:
-            return "DEADLINE_EXCEEDED", "the caller's deadline passed"
-        if self.drain_expired:
-            return "UNAVAILABLE", "the server's drain time ran out before the request completed"
-        return "CANCELLED", "the caller cancelled"
 
 
 @dataclass(eq=False)
@@ -88,7 +53,7 @@ class ModelVersion:
     output_order: list[str]
     limits: Limits
     output_datatypes: dict[str, str]
-    stop: ServerStop = field(default_factory=ServerStop)
+    lifecycle: Lifecycle
     #: The server's response cache when this model's config enables it.
     cache: ResponseCache | None = None
 
@@ -120,7 +85,7 @@ class ModelVersion:
             future = self.scheduler.submit(request)
             outputs = await future
         except asyncio.CancelledError:
-            reason, _ = self.stop.cancellation(request.deadline)
+            reason, _ = self.lifecycle.cancellation(request.deadline)
             self.stats.record_failure(reason, time.monotonic_ns() - request.arrival_ns)
             raise
         except LockgateError as exc:
@@ -134,6 +99,10 @@ class ModelVersion:
             *request.compute_ns,
         )
         return outputs
+
+    def record_failure(self, reason: str, duration_ns: int) -> None:
+        """Count a request that failed before reaching the scheduler (a bad input)."""
+        self.stats.record_failure(reason, duration_ns)
 
     def metadata(self) -> pb.ModelMetadataResponse:
         batch = (-1,) if self.config.max_batch_size > 0 else ()

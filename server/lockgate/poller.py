@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lockgate.errors import LoadAbandonedError, LockgateError
-
-if TYPE_CHECKING:
-    from lockgate.server import LockgateServer
+from lockgate.repository import ModelRepository
 
 log = logging.getLogger("lockgate.poller")
 
@@ -40,9 +38,16 @@ def fingerprint(path: Path) -> Fingerprint:
 class RepositoryPoller:
     """Reconciles the loaded models with the repository, periodically."""
 
-    def __init__(self, server: LockgateServer) -> None:
-        self._server = server
-        self._repository = server.repository
+    def __init__(
+        self,
+        repository: ModelRepository,
+        interval: float,
+        on_change: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Poll ``repository`` every ``interval`` s; ``on_change`` after each scan."""
+        self._repository = repository
+        self._interval = interval
+        self._on_change = on_change
         self._seen: dict[str, Fingerprint] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
@@ -59,7 +64,7 @@ class RepositoryPoller:
 
         Cancelling an unload halfway would leave its model neither serving nor
         closed; a load under way gives up by itself at its next step, since the
-        server's stop abandons loads (ServerStop.loads_abandoned).
+        server's stop abandons loads (Lifecycle.loads_abandoned).
         """
         self._stopped = True
         if self._task is not None and not self._acting:
@@ -67,7 +72,7 @@ class RepositoryPoller:
 
     async def _run(self) -> None:
         while not self._stopped:
-            await asyncio.sleep(self._server.config.repository_poll_secs)
+            await asyncio.sleep(self._interval)
             try:
                 await self.poll_once()
             except Exception:  # keep polling whatever one scan hit
@@ -91,7 +96,7 @@ class RepositoryPoller:
                 log.info("model %s new or changed: loading", name)
                 await self._attempt(self._repository.load(name, sources=sources))
         self._seen = current
-        await self._server.update_health()
+        await self._on_change()
 
     async def _attempt(self, action: Coroutine[Any, Any, None]) -> None:
         self._acting = True

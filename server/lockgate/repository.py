@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from lockgate.batcher import BatchObserver
 from lockgate.cache import ResponseCache
 from lockgate.config import (
     DEFAULT_MODEL_FILENAME,
@@ -32,8 +33,9 @@ from lockgate.errors import (
     ModelUnavailableError,
     clip,
 )
+from lockgate.lifecycle import Lifecycle
 from lockgate.loader import load_version
-from lockgate.model import ModelState, ModelVersion, ServerStop
+from lockgate.model import ModelState, ModelVersion
 from lockgate.uploads import remove_scratch, write_model_files
 from lockgate_client._proto import model_config_pb2 as mc
 
@@ -128,14 +130,21 @@ class ModelEntry:
 class ModelRepository:
     """All models this server knows of, and which of their versions are ready."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        lifecycle: Lifecycle,
+        observer: BatchObserver | None = None,
+    ) -> None:
         self.config = config
+        #: The server's lifecycle, as every model version loaded from here sees it.
+        self.lifecycle = lifecycle
+        #: Given to each version's scheduler (tracing's execute spans), or None.
+        self._observer = observer
         self._entries: dict[str, ModelEntry] = {}
         #: name -> highest ready version, for requests that name no version.
         self._default: dict[str, ModelVersion] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        #: The server's stop, as every model version loaded from here sees it.
-        self.stop = ServerStop()
         #: One response cache for the server, used by models that enable it.
         self.cache = (
             ResponseCache(config.response_cache_bytes) if config.response_cache_bytes else None
@@ -313,7 +322,7 @@ class ModelRepository:
         """Load (or reload) ``name``; new versions serve before old ones drain."""
         async with self._locks.setdefault(name, asyncio.Lock()):
             # Before any state changes: a load refused here leaves no trace.
-            self.stop.check_loading(name)
+            self.lifecycle.check_loading(name)
             scratch = None
             if files:
                 if config_json is None:
@@ -404,9 +413,16 @@ class ModelRepository:
         states: dict[int, VersionState] = {}
         for version, path in sorted(paths.items()):
             try:
-                self.stop.check_loading(source.name)
+                self.lifecycle.check_loading(source.name)
                 model = load_version(
-                    source.name, version, path, config, self.config, self.stop, self.cache
+                    source.name,
+                    version,
+                    path,
+                    config,
+                    self.config,
+                    self.lifecycle,
+                    self.cache,
+                    self._observer,
                 )
                 states[version] = VersionState(ModelState.READY, model=model)
             except LoadAbandonedError:

@@ -24,11 +24,13 @@ from grpc_reflection.v1alpha import reflection
 
 from lockgate import tracing
 from lockgate.config import ServerConfig
+from lockgate.engine import LocalEngine
 from lockgate.errors import LockgateError
 from lockgate.health import HealthServicer, add_health_to_server
+from lockgate.lifecycle import Lifecycle
 from lockgate.poller import RepositoryPoller
 from lockgate.repository import ModelRepository
-from lockgate.servicer import ServerState, Servicer, add_to_server
+from lockgate.servicer import Servicer, add_to_server
 from lockgate.shm import SharedMemoryRegistry
 
 log = logging.getLogger("lockgate.server")
@@ -67,10 +69,14 @@ class LockgateServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.state = ServerState()
-        self.state.control_enabled = config.model_control_mode == "explicit"
-        self.state.on_models_changed = self.update_health
-        self.repository = ModelRepository(config)
+        #: Readiness, drain, abandoned loads: moved forward here only, read by every part.
+        self.lifecycle = Lifecycle()
+        #: None when tracing is off; given to the servicer and every version's scheduler.
+        self.tracer = tracing.setup(config)
+        observer = self.tracer.observe_batch if self.tracer is not None else None
+        self.repository = ModelRepository(config, self.lifecycle, observer)
+        #: The servicer's one way to the models (in-process here).
+        self.engine = LocalEngine(self.repository, on_change=self.update_health)
         #: Client regions; owned here so they are unmapped at shutdown, never on unload.
         self.shared_memory = SharedMemoryRegistry() if config.shared_memory == "system" else None
         self.health = HealthServicer(config.max_health_watches)
@@ -98,12 +104,14 @@ class LockgateServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        tracing.setup(self.config)
         from lockgate.security import auth_interceptors
 
         interceptors = auth_interceptors(self.config)
         server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
-        add_to_server(Servicer(self.repository, self.state, self.shared_memory), server)
+        servicer = Servicer(
+            self.engine, self.lifecycle, self.config, self.tracer, self.shared_memory
+        )
+        add_to_server(servicer, server)
         add_health_to_server(self.health, server)
         reflection.enable_server_reflection(
             [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -124,7 +132,9 @@ class LockgateServer:
         if self._stopping.is_set():
             return
         if self.config.model_control_mode == "poll":
-            self._poller = RepositoryPoller(self)
+            self._poller = RepositoryPoller(
+                self.repository, self.config.repository_poll_secs, self.update_health
+            )
             self._poller.start()
         # Before the await: a signal from now on finds a started server to drain.
         self._started = True
@@ -195,17 +205,17 @@ class LockgateServer:
 
     async def update_health(self) -> None:
         """Publish readiness: server-wide and per model (service = model name)."""
-        ready = not self.state.draining and (
+        ready = not self.lifecycle.draining and (
             self.repository.all_ready() or not self.config.strict_readiness
         )
-        self.state.ready = ready
+        self.lifecycle.ready = ready
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set("", serving if ready else not_serving)
         await self.health.set(INFERENCE_SERVICE, serving if ready else not_serving)
         ready_names = {m.name for m in self.repository.ready_models()}
         for name in self.repository.names():
-            model_ok = name in ready_names and not self.state.draining
+            model_ok = name in ready_names and not self.lifecycle.draining
             await self.health.set(name, serving if model_ok else not_serving)
 
     async def serve(self) -> None:
@@ -234,12 +244,12 @@ class LockgateServer:
         assert self._stopping is not None
         self._signalled_at = time.monotonic()
         # At once, not when the drain starts: a load thread reads it between steps.
-        self.repository.stop.loads_abandoned.set()
+        self.lifecycle.loads_abandoned.set()
         self._stopping.set()
 
     async def drain(self) -> None:
         """Stop taking requests, finish accepted ones, shut down."""
-        self.state.draining = True
+        self.lifecycle.draining = True
         if self._poller is not None:
             # A draining server must not load or unload models under its drain.
             self._poller.stop()
@@ -257,7 +267,7 @@ class LockgateServer:
         except TimeoutError:
             # Set before the gRPC server cancels them: their failures are then
             # reported as the server's doing, not their callers'.
-            self.repository.stop.drain_expired = True
+            self.lifecycle.drain_expired = True
             log.warning("drain time is up: cancelling the requests still queued or running")
         if self._server is not None:
             # Stops listening (GOAWAY); replies being written get what is left.
@@ -276,7 +286,8 @@ class LockgateServer:
             stuck = True
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-        tracing.shutdown()  # flushes the spans still buffered
+        if self.tracer is not None:
+            self.tracer.shutdown()  # flushes the spans still buffered
         if self._started:
             log.info("drained and stopped in %.2f s", time.monotonic() - started)
         else:

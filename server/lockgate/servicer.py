@@ -1,8 +1,9 @@
 """GRPCInferenceService: protobuf in, protobuf out, nothing else.
 
-Each RPC finds the model, lets the codec decode, awaits the model, and
-encodes. ``LockgateError``s become gRPC statuses in ``_abort``, the one place
-that maps error kinds to codes; streaming RPCs report them in-band instead.
+Each RPC asks the ``Engine`` (engine.py) for the model, lets the codec
+decode, awaits the model, and encodes; it never touches the repository.
+``LockgateError``s become gRPC statuses in ``_abort``, the one place that
+maps error kinds to codes; streaming RPCs report them in-band instead.
 """
 
 from __future__ import annotations
@@ -18,22 +19,23 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from lockgate import __version__, tracing
+from lockgate import __version__
 from lockgate.codec import decode_request, encode_response
+from lockgate.config import ServerConfig
+from lockgate.engine import Engine, ServedModel
 from lockgate.errors import (
     InternalError,
     InvalidInputError,
     LockgateError,
-    ModelNotFoundError,
     ModelUnavailableError,
     NotAllowedError,
     UnsupportedError,
     clip,
 )
-from lockgate.model import ModelVersion
-from lockgate.repository import ModelRepository
+from lockgate.lifecycle import Lifecycle
 from lockgate.request import InferRequest
 from lockgate.shm import Lease, Placement, SharedMemoryRegistry
+from lockgate.tracing import RequestTrace, Tracer
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import inference_service_pb2_grpc as service
 
@@ -87,28 +89,23 @@ def in_band(error: LockgateError) -> str:
     return f"[{error.code.name}] {error.message}"
 
 
-class ServerState:
-    """What the health, readiness and drain logic share."""
-
-    def __init__(self) -> None:
-        self.ready = False
-        self.draining = False
-        self.control_enabled = False
-        #: Called after a load or unload so health and readiness follow it.
-        self.on_models_changed: Callable[[], Awaitable[None]] | None = None
-
-
 class Servicer(service.GRPCInferenceServiceServicer):
     """Lockgate's implementation of ``inference.GRPCInferenceService``."""
 
     def __init__(
         self,
-        repository: ModelRepository,
-        state: ServerState,
+        engine: Engine,
+        lifecycle: Lifecycle,
+        config: ServerConfig,
+        tracer: Tracer | None = None,
         shared_memory: SharedMemoryRegistry | None = None,
     ) -> None:
-        self._repository = repository
-        self._state = state
+        self._engine = engine
+        self._lifecycle = lifecycle
+        self._control_enabled = config.model_control_mode == "explicit"
+        self._max_stream_requests = config.max_stream_requests
+        #: None when tracing is off: the one check the request path pays.
+        self._tracer = tracer
         #: None when --shared-memory off: the extension answers UNIMPLEMENTED.
         self._shared_memory = shared_memory
         self._extensions = EXTENSIONS + (
@@ -121,17 +118,14 @@ class Servicer(service.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> Any:
-        return pb.ServerReadyResponse(ready=self._state.ready and not self._state.draining)
+        return pb.ServerReadyResponse(ready=self._lifecycle.ready and not self._lifecycle.draining)
 
     @_status
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> Any:
         # A model that is missing or not ready is an answer (ready=false), as in
         # Triton; a malformed version is the caller's mistake (INVALID_ARGUMENT).
-        try:
-            self._repository.get(request.name, request.version)
-        except (ModelNotFoundError, ModelUnavailableError):
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=not self._state.draining)
+        ready = self._engine.model_ready(request.name, request.version)
+        return pb.ModelReadyResponse(ready=ready and not self._lifecycle.draining)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> Any:
         return pb.ServerMetadataResponse(
@@ -140,31 +134,17 @@ class Servicer(service.GRPCInferenceServiceServicer):
 
     @_status
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> Any:
-        model = self._repository.get(request.name, request.version)
-        response = model.metadata()
-        if not request.version:
-            del response.versions[:]
-            response.versions.extend(
-                m.version for m in self._repository.ready_models() if m.name == model.name
-            )
-        return response
+        return self._engine.metadata(request.name, request.version)
 
     @_status
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> Any:
-        model = self._repository.get(request.name, request.version)
-        return pb.ModelConfigResponse(config=model.config)
+        config = self._engine.model_config(request.name, request.version)
+        return pb.ModelConfigResponse(config=config)
 
     @_status
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> Any:
-        if request.name:
-            if request.version:
-                models = [self._repository.get(request.name, request.version)]
-            else:
-                self._repository.get(request.name)  # NOT_FOUND/UNAVAILABLE as for infer
-                models = [m for m in self._repository.ready_models() if m.name == request.name]
-        else:
-            models = self._repository.ready_models()
-        return pb.ModelStatisticsResponse(model_stats=[m.stats.to_proto() for m in models])
+        stats = self._engine.statistics(request.name, request.version)
+        return pb.ModelStatisticsResponse(model_stats=stats)
 
     # --- inference ----------------------------------------------------------------
 
@@ -172,15 +152,15 @@ class Servicer(service.GRPCInferenceServiceServicer):
         self,
         request: pb.ModelInferRequest,
         deadline: float | None,
-        trace: tracing.RequestTrace | None = None,
+        trace: RequestTrace | None = None,
     ) -> Any:
-        if self._state.draining:
+        if self._lifecycle.draining:
             # Shutting down: finish what was accepted, take nothing new (not logged:
             # clients that keep sending would flood the log during the drain).
             raise ModelUnavailableError("the server is shutting down; retry on another replica")
         start = time.monotonic_ns()
         try:
-            model = self._repository.get(request.model_name, request.model_version)
+            model = self._engine.model(request.model_name, request.model_version)
             if _heavy_request(request, model):
                 # Seconds of work for a large request: in a thread, so that
                 # nobody else's request (nor a health check) waits behind it.
@@ -218,7 +198,7 @@ class Servicer(service.GRPCInferenceServiceServicer):
         except asyncio.CancelledError:
             # The caller hung up, its deadline passed, or the drain time ran out
             # and the server stopped under the request.
-            reason, message = self._repository.stop.cancellation(deadline)
+            reason, message = self._lifecycle.cancellation(deadline)
             _log_failure(request, reason, message)
             if trace is not None:
                 trace.cancelled = (reason, message)
@@ -230,9 +210,9 @@ class Servicer(service.GRPCInferenceServiceServicer):
         deadline = (
             time.monotonic() + remaining - DEADLINE_SLACK_S if remaining is not None else None
         )
-        if tracing.enabled:
+        if self._tracer is not None:
             metadata = context.invocation_metadata()
-            return await tracing.traced("ModelInfer", self._infer, request, deadline, metadata)
+            return await self._tracer.traced("ModelInfer", self._infer, request, deadline, metadata)
         return await self._infer(request, deadline)
 
     async def ModelStreamInfer(
@@ -248,13 +228,14 @@ class Servicer(service.GRPCInferenceServiceServicer):
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
         # One slot per request from reading it until its answer is handed to gRPC.
-        slots = asyncio.Semaphore(self._repository.config.max_stream_requests)
-        metadata = context.invocation_metadata() if tracing.enabled else None
+        slots = asyncio.Semaphore(self._max_stream_requests)
+        tracer = self._tracer
+        metadata = context.invocation_metadata() if tracer is not None else None
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                if tracing.enabled:
-                    result = await tracing.traced(
+                if tracer is not None:
+                    result = await tracer.traced(
                         "ModelStreamInfer", self._infer, request, None, metadata
                     )
                 else:
@@ -309,7 +290,7 @@ class Servicer(service.GRPCInferenceServiceServicer):
                 pb.RepositoryIndexResponse.ModelIndex(
                     name=name, version=version, state=state.value, reason=reason
                 )
-                for name, version, state, reason in self._repository.index(request.ready)
+                for name, version, state, reason in self._engine.index(request.ready)
             ]
         )
 
@@ -327,10 +308,7 @@ class Servicer(service.GRPCInferenceServiceServicer):
                 files[key.removeprefix("file:")] = value.bytes_param
             else:
                 raise InvalidInputError(f"unknown load parameter '{key}'")
-        try:
-            await self._repository.load(request.model_name, config_json, files or None)
-        finally:
-            await self._models_changed()
+        await self._engine.load(request.model_name, config_json, files or None)
         return pb.RepositoryModelLoadResponse()
 
     @_status
@@ -338,18 +316,11 @@ class Servicer(service.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> Any:
         self._check_control("unload")
-        try:
-            await self._repository.unload(request.model_name)
-        finally:
-            await self._models_changed()
+        await self._engine.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    async def _models_changed(self) -> None:
-        if self._state.on_models_changed is not None:
-            await self._state.on_models_changed()
-
     def _check_control(self, action: str) -> None:
-        if not self._state.control_enabled:
+        if not self._control_enabled:
             raise NotAllowedError(
                 f"cannot {action} models: start the server with --model-control-mode explicit"
             )
@@ -470,7 +441,7 @@ HEAVY_ELEMENT_BYTES = 64 * 2**10
 HEAVY_RAW_BYTES = 16 * 2**20
 
 
-def _heavy_request(request: pb.ModelInferRequest, model: ModelVersion) -> bool:
+def _heavy_request(request: pb.ModelInferRequest, model: ServedModel) -> bool:
     """Whether decoding ``request`` is worth a trip to a worker thread."""
     tensors = request.inputs
     if len(tensors) > len(model.inputs):
@@ -495,7 +466,7 @@ def _heavy_outputs(outputs: dict[str, Any]) -> bool:
 
 
 def _decode(
-    model: ModelVersion,
+    model: ServedModel,
     request: pb.ModelInferRequest,
     start_ns: int,
     shared_memory: SharedMemoryRegistry | None,
@@ -506,7 +477,7 @@ def _decode(
             request, model.inputs, model.output_names, model.limits, shared_memory
         )
     except LockgateError as exc:
-        model.stats.record_failure(exc.reason, time.monotonic_ns() - start_ns)
+        model.record_failure(exc.reason, time.monotonic_ns() - start_ns)
         raise
     decoded.arrival_ns = start_ns
     return decoded

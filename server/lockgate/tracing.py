@@ -13,9 +13,11 @@ What one inference produces:
 * ``execute``, for the batch: a child of the first request it served and
   LINKED to every request span in it, since one execution serves many traces.
 
-The OpenTelemetry packages are imported by ``setup`` only. When tracing is
-off the request path pays one check of ``enabled`` per RPC and the scheduler
-one check per batch; nothing else here runs.
+The OpenTelemetry packages are imported by ``setup`` only, which returns a
+``Tracer`` (or None when tracing is off). The server hands the tracer to the
+servicer and its batch observer to each model version's scheduler; with
+tracing off the request path pays one ``is None`` check per RPC and the
+scheduler one per batch, and nothing else here runs.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from lockgate import batcher
 from lockgate.config import ServerConfig
 from lockgate.errors import LockgateError
 from lockgate.request import InferRequest
@@ -38,14 +39,12 @@ from lockgate.stats import ModelStats
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-    from opentelemetry.trace import Span, Tracer
+    from opentelemetry.trace import Span
+    from opentelemetry.trace import Tracer as OtelTracer
 
     from lockgate_client._proto import grpc_service_pb2 as pb
 
 log = logging.getLogger("lockgate.tracing")
-
-#: True while a tracer is installed: the one check the request path pays.
-enabled = False
 
 SERVICE = "inference.GRPCInferenceService"
 DEFAULT_SERVICE_NAME = "lockgate"
@@ -76,7 +75,7 @@ class _Otel:
     """The OpenTelemetry pieces the request path uses, imported once by setup."""
 
     provider: TracerProvider
-    tracer: Tracer
+    tracer: OtelTracer
     extract: Callable[..., Any]
     set_span_in_context: Callable[..., Any]
     link: Callable[..., Any]
@@ -85,7 +84,35 @@ class _Otel:
     server: Any
 
 
-_otel: _Otel | None = None
+class Tracer:
+    """Tracing, on: what the servicer and the schedulers are given by the server."""
+
+    def __init__(self, otel: _Otel) -> None:
+        self._otel = otel
+
+    async def traced(
+        self,
+        method: str,
+        infer: Infer,
+        request: pb.ModelInferRequest,
+        deadline: float | None,
+        metadata: Iterable[tuple[str, Any]] | None,
+    ) -> Any:
+        """Run ``infer`` inside a SERVER span continuing the caller's trace context."""
+        return await _traced(self._otel, method, infer, request, deadline, metadata)
+
+    def observe_batch(
+        self, stats: ModelStats, batch: list[InferRequest], error: BaseException | None
+    ) -> None:
+        """The schedulers' batch observer: one ``execute`` span per batch that ran."""
+        try:
+            _execute_span(self._otel, stats, batch, error)
+        except Exception:  # tracing must never keep results from their callers
+            log.exception("cannot record the execute span of a %s batch", stats.name)
+
+    def shutdown(self) -> None:
+        """Flush the spans still buffered."""
+        self._otel.provider.shutdown()
 
 
 def wanted(config: ServerConfig) -> bool:
@@ -104,11 +131,10 @@ def wanted(config: ServerConfig) -> bool:
     )
 
 
-def setup(config: ServerConfig, processor: SpanProcessor | None = None) -> bool:
-    """Install the tracer if wanted (or if given a ``processor``: for tests)."""
-    global _otel, enabled
+def setup(config: ServerConfig, processor: SpanProcessor | None = None) -> Tracer | None:
+    """A tracer if the config or environment want one (or given a ``processor``: tests)."""
     if processor is None and not wanted(config):
-        return False
+        return None
     from opentelemetry import propagate
     from opentelemetry import trace as api
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -131,7 +157,7 @@ def setup(config: ServerConfig, processor: SpanProcessor | None = None) -> bool:
     processors = [processor] if processor is not None else _processors()
     for each in processors:
         provider.add_span_processor(each)
-    _otel = _Otel(
+    otel = _Otel(
         provider=provider,
         tracer=provider.get_tracer("lockgate", __version__),
         extract=propagate.extract,
@@ -141,14 +167,12 @@ def setup(config: ServerConfig, processor: SpanProcessor | None = None) -> bool:
         error=api.StatusCode.ERROR,
         server=api.SpanKind.SERVER,
     )
-    batcher.batch_observer = _on_batch
-    enabled = True
     log.info(
         "tracing on: service %s, exporter %s",
         resource.attributes.get(SERVICE_NAME),
         os.environ.get("OTEL_TRACES_EXPORTER", "otlp") if processor is None else "(given)",
     )
-    return True
+    return Tracer(otel)
 
 
 def _processors() -> list[SpanProcessor]:
@@ -176,31 +200,17 @@ def _processors() -> list[SpanProcessor]:
     return processors
 
 
-def shutdown() -> None:
-    """Flush what is buffered and turn tracing off again."""
-    global _otel, enabled
-    enabled = False
-    if batcher.batch_observer is _on_batch:
-        batcher.batch_observer = None
-    if _otel is not None:
-        _otel.provider.shutdown()
-        _otel = None
+# --- the request path (only reached with a tracer) ------------------------------------
 
 
-# --- the request path (only reached when enabled) ------------------------------------
-
-
-async def traced(
+async def _traced(
+    otel: _Otel,
     method: str,
     infer: Infer,
     request: pb.ModelInferRequest,
     deadline: float | None,
     metadata: Iterable[tuple[str, Any]] | None,
 ) -> Any:
-    """Run ``infer`` inside a SERVER span continuing the caller's trace context."""
-    otel = _otel
-    if otel is None:  # shut down meanwhile
-        return await infer(request, deadline, None)
     carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
     attributes: dict[str, str] = {
         "rpc.system": "grpc",
@@ -265,21 +275,12 @@ def _queue_span(otel: _Otel, request: InferRequest, error: str | None) -> None:
     span.end(end_time=end + offset)
 
 
-def _on_batch(stats: ModelStats, batch: list[InferRequest], error: BaseException | None) -> None:
-    """The scheduler's batch observer: one ``execute`` span per batch that ran."""
-    try:
-        _execute_span(stats, batch, error)
-    except Exception:  # tracing must never keep results from their callers
-        log.exception("cannot record the execute span of a %s batch", stats.name)
-
-
 def _execute_span(
-    stats: ModelStats, batch: list[InferRequest], error: BaseException | None
+    otel: _Otel, stats: ModelStats, batch: list[InferRequest], error: BaseException | None
 ) -> None:
-    otel = _otel
     traces = [r.trace for r in batch if isinstance(r.trace, RequestTrace)]
     recording = [t for t in traces if t.span.is_recording()]
-    if otel is None or not recording:
+    if not recording:
         return
     offset = time.time_ns() - time.monotonic_ns()
     rows = sum(r.rows for r in batch)
