@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import queue
 import shutil
 import socket
 import ssl
@@ -30,6 +31,7 @@ from tritonclient.utils import InferenceServerException
 from lockgate import security
 from lockgate.security import SecurityConfigError, TokenStore, parse_tokens
 from lockgate_client._proto import grpc_service_pb2 as pb
+from lockgate_client._proto import inference_service_pb2_grpc as svc
 from models.build import build_simple
 
 StartServer = Callable[..., ServerProcess]
@@ -516,6 +518,38 @@ def test_tokens_rotate_without_restart(auth_server: ServerProcess, token_file: P
         assert accepted("env-token-1")  # the environment's tokens stay
     assert auth_server.process.poll() is None
     assert "rotated-token" not in auth_server.log()
+
+
+def test_a_revoked_token_stops_working_on_an_open_stream(
+    auth_server: ServerProcess, token_file: Path
+) -> None:
+    """Checked per message: a stream opened before the revocation is cut at its next request."""
+    requests: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
+
+    def feed() -> Iterator[pb.ModelInferRequest]:
+        while (item := requests.get()) is not None:
+            yield item
+
+    request = simple_request()
+    with grpc.insecure_channel(auth_server.url) as channel:
+        stream = svc.GRPCInferenceServiceStub(channel).ModelStreamInfer(  # type: ignore[no-untyped-call]
+            feed(), metadata=bearer(INFER_TOKEN), timeout=120
+        )
+        answers = iter(stream)
+        try:
+            requests.put(request)
+            assert not next(answers).error_message
+            token_file.write_text(f"{CONTROL_TOKEN} control\n")
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in range(200):  # the token file is re-read within a second
+                    requests.put(request)
+                    assert not next(answers).error_message
+                    time.sleep(0.05)
+            assert info.value.code() == UNAUTHENTICATED  # type: ignore[attr-defined]
+        finally:
+            requests.put(None)
+            stream.cancel()
+    assert auth_server.process.poll() is None
 
 
 def test_control_stays_off_without_explicit_mode(

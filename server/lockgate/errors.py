@@ -61,6 +61,12 @@ class InternalError(LockgateError):
     code = grpc.StatusCode.INTERNAL
 
 
+class TokenRevokedError(LockgateError):
+    """The token a stream was opened with is no longer valid."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class InvalidInputError(LockgateError):
     """The request is malformed: wrong datatype, shape, size, names..."""
 

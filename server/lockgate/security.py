@@ -11,6 +11,8 @@ Tokens: ``TokenStore`` holds the tokens of ``--auth-token-file`` plus
 ``LOCKGATE_AUTH_TOKENS`` and re-reads the file when it changes (checked at
 most once a second), so tokens rotate without a restart. Tokens are kept and
 compared as SHA-256 digests, in constant time, against every known token.
+A token is checked when a call starts and, on streams, again before each
+message, so a revoked token stops working on streams opened before too.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from lockgate.config import ServerConfig
+from lockgate.errors import TokenRevokedError
 
 log = logging.getLogger("lockgate.security")
 
@@ -265,7 +268,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
     def __init__(self, tokens: TokenStore) -> None:
         self._store = tokens
 
-    def _scopes(self, metadata: tuple[tuple[str, str | bytes], ...]) -> frozenset[str] | None:
+    @staticmethod
+    def _token(metadata: tuple[tuple[str, str | bytes], ...]) -> bytes | None:
         for key, value in metadata:
             if key != "authorization":
                 continue
@@ -273,7 +277,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             scheme, _, presented = text.strip().partition(" ")
             if scheme.lower() != "bearer" or not presented.strip():
                 return None
-            return self._store.scopes(presented.strip().encode())
+            return presented.strip().encode()
         return None
 
     async def intercept_service(
@@ -284,8 +288,9 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         method = details.method
         if method in OPEN_METHODS:
             return await continuation(details)
-        scopes = self._scopes(tuple(details.invocation_metadata or ()))
-        if scopes is None:
+        token = self._token(tuple(details.invocation_metadata or ()))
+        scopes = self._store.scopes(token) if token is not None else None
+        if token is None or scopes is None:
             return _DENY_UNAUTHENTICATED
         if method in CONTROL_METHODS:
             needed = "control"
@@ -293,9 +298,43 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             needed = "shm"
         else:
             needed = "infer"
-        if needed in scopes or "control" in scopes:
-            return await continuation(details)
-        return _DENY_PERMISSION
+        if not _allows(scopes, needed):
+            return _DENY_PERMISSION
+        handler = await continuation(details)
+        if handler is not None and handler.request_streaming:
+            return _rechecked(handler, self._store, token, needed)
+        return handler
+
+
+def _allows(scopes: frozenset[str], needed: str) -> bool:
+    return needed in scopes or "control" in scopes
+
+
+def _rechecked(handler: Handler, store: TokenStore, token: bytes, needed: str) -> Handler:
+    """``handler`` with the token checked again before each message of the stream.
+
+    A stream may stay open for hours: a token revoked (removed from the token
+    file) stops working on streams opened before, at their next message.
+    """
+    behavior: Any = handler.stream_stream
+    assert behavior is not None
+
+    async def checked(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def still_allowed() -> Any:
+            async for request in requests:
+                scopes = store.scopes(token)
+                if scopes is None or not _allows(scopes, needed):
+                    raise TokenRevokedError(UNAUTHENTICATED[1])
+                yield request
+
+        async for response in behavior(still_allowed(), context):
+            yield response
+
+    return grpc.stream_stream_rpc_method_handler(
+        checked,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _denial(code: grpc.StatusCode, message: str) -> Handler:
