@@ -451,3 +451,48 @@ def test_serve_single_onnx_file(single_file_server: ServerProcess) -> None:
         out = client.infer("relu", [tensor]).as_numpy("y")
         assert out is not None
         np.testing.assert_array_equal(out, np.maximum(data, 0))
+
+
+# --- paths that do not exist, empty repositories ------------------------------------------
+
+
+def serve_and_wait(*paths: str) -> subprocess.CompletedProcess[str]:
+    """``lockgate serve PATHS`` expected to refuse to start: its exit status and output."""
+    args = [sys.executable, "-m", "lockgate", "serve", *paths, "--host", "127.0.0.1"]
+    args += ["--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(
+    ("paths", "message"),
+    [
+        (["nope.onnx"], "model file nope.onnx does not exist"),
+        (["--model-repository", "/nonexistent/repo"], "model repository /nonexistent/repo does "),
+    ],
+    ids=["single-file", "repository"],
+)
+def test_missing_model_path_stops_the_server(paths: list[str], message: str) -> None:
+    """A mistyped path must not serve nothing and look like success."""
+    done = serve_and_wait(*paths)
+    assert done.returncode != 0, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_path_neither_repository_nor_onnx_stops_the_server(tmp_path: Path) -> None:
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"\0")
+    done = serve_and_wait(str(weights))
+    assert done.returncode != 0
+    assert f"{weights} is neither a model repository (a directory) nor an .onnx file" in (
+        done.stderr
+    )
+
+
+def test_empty_repository_warns(start_server: StartServer, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    server = start_server(empty)
+    with tc.InferenceServerClient(server.url) as client:
+        assert client.get_model_repository_index().models == []
+    assert f"model repository {empty} is empty" in server.log()

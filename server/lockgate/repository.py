@@ -256,6 +256,31 @@ class ModelRepository:
 
     # --- discovery -------------------------------------------------------------
 
+    def check_locations(self) -> None:
+        """At startup: every configured path must exist; an empty repository is worth a warning.
+
+        A mistyped path would otherwise serve nothing and look like success.
+        Raises FileNotFoundError / NotADirectoryError (the server exits non-zero).
+        """
+        for location in self.config.model_repository:
+            path = Path(location)
+            kind = "model file" if path.suffix == ".onnx" else "model repository"
+            if not path.exists():
+                raise FileNotFoundError(f"{kind} {location} does not exist")
+            if path.is_file():
+                if path.suffix != ".onnx":
+                    raise NotADirectoryError(
+                        f"{location} is neither a model repository (a directory) nor an .onnx file"
+                    )
+                continue
+            if not any(c.is_dir() and not c.name.startswith(".") for c in path.iterdir()):
+                log.warning(
+                    "model repository %s is empty: expected <model>/<version>/%s "
+                    "(and optionally <model>/config.pbtxt) under it",
+                    location,
+                    DEFAULT_MODEL_FILENAME,
+                )
+
     def discover(self) -> dict[str, ModelSource]:
         """Every model found under the configured paths."""
         sources: dict[str, ModelSource] = {}
@@ -271,8 +296,10 @@ class ModelRepository:
             if path.is_file() and path.suffix == ".onnx":
                 add(ModelSource(path.stem, path.parent, single_file=path))
                 continue
+            if not path.exists():
+                raise ModelLoadError(f"model repository {path} does not exist")
             if not path.is_dir():
-                raise ModelLoadError(f"model repository {path} is not a directory or .onnx file")
+                raise ModelLoadError(f"{path} is neither a model repository nor an .onnx file")
             for child in sorted(path.iterdir()):
                 if child.is_dir() and not child.name.startswith("."):
                     add(ModelSource(child.name, child))

@@ -97,7 +97,9 @@ class LockgateServer:
         ``serve`` then stops it at once.
         """
         self._stopping = asyncio.Event()
-        # Before binding: two models under one name is a mistake to fix, not to serve around.
+        # Before binding: a missing path, or two models under one name, is a
+        # mistake to fix, not to serve around.
+        self.repository.check_locations()
         self.repository.check_names()
         # Before anything slow: a pod scaled down while it loads gets SIGTERM
         # now, and the default handler would kill it mid-load (status -15).
