@@ -62,3 +62,29 @@ def test_client_installs_alone(tmp_path: Path) -> None:
     assert "lockgate" not in names
     # The type information ships with it.
     assert (Path(location).parent / "py.typed").is_file()
+
+
+def test_dev_install_shows_the_sdk_types_to_mypy(tmp_path: Path) -> None:
+    """Code developed against the checkout's .venv is type-checked against the SDK.
+
+    setuptools' default editable install hides a flat-layout package behind an
+    import hook that mypy cannot follow ("Cannot find implementation"); make
+    install asks for the path-based (compat) mode.
+    """
+    user = tmp_path / "app.py"
+    user.write_text(
+        "from lockgate_client import Client\n"
+        "def make() -> int:\n"
+        '    return Client("127.0.0.1:8001")\n'
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MYPYPATH")}
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(user)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=240,
+    )
+    assert "import-not-found" not in result.stdout, result.stdout
+    assert 'Incompatible return value type (got "Client", expected "int")' in result.stdout

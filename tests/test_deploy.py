@@ -991,3 +991,16 @@ def test_docs_reference_existing_files() -> None:
     operations = (ROOT / "docs" / "operations.md").read_text()
     for name in metric_names():
         assert name in operations, f"docs/operations.md does not describe {name}"
+
+
+def test_license_file_is_there() -> None:
+    """README, pyproject and the images' ignore lists name LICENSE: it must exist."""
+    import tomllib
+
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    assert project["license-files"] == ["LICENSE"]
+    for ignore in DEPLOY.glob("*.dockerignore"):
+        assert "!LICENSE" in ignore.read_text().split(), ignore

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,21 @@ def test_json_formatter_keeps_extra_fields() -> None:
     entry = json.loads(stream.getvalue())
     assert entry["message"] == "failed x"
     assert (entry["request_id"], entry["model"], entry["level"]) == ("req-1", "m", "warning")
+
+
+def test_device_probe_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Models load in parallel threads; the GPU probe's line comes once, not per model."""
+    from lockgate import runner
+
+    runner._probe_cuda.cache_clear()
+    start = threading.Barrier(8)
+
+    def load() -> int:
+        start.wait()
+        return runner.cuda_device_count()
+
+    with caplog.at_level(logging.INFO, logger="lockgate.runner"), ThreadPoolExecutor(8) as pool:
+        counts = set(pool.map(lambda _: load(), range(8)))
+    assert len(counts) == 1
+    probes = [r for r in caplog.records if r.name == "lockgate.runner"]
+    assert len(probes) == 1, [r.getMessage() for r in probes]

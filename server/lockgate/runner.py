@@ -37,11 +37,20 @@ log = logging.getLogger("lockgate.runner")
 _BF16 = 16  # onnx.TensorProto.BFLOAT16: numpy has no such dtype
 
 
-@functools.cache
-def cuda_device_count() -> int:
-    """GPUs ONNX Runtime can use here, decided once per process.
+_probe_lock = threading.Lock()
 
-    Asking onnxruntime-gpu for CUDA on a machine without a driver prints a
+
+def cuda_device_count() -> int:
+    """GPUs ONNX Runtime can use here, decided (and logged) once per process."""
+    # Models load in parallel threads; functools.cache alone lets each of the
+    # first callers probe, and log the same line, at once.
+    with _probe_lock:
+        return _probe_cuda()
+
+
+@functools.cache
+def _probe_cuda() -> int:
+    """Asking onnxruntime-gpu for CUDA on a machine without a driver prints a
     stack of errors before it falls back; probing the driver ourselves lets
     us log one clear line instead.
     """
