@@ -340,7 +340,9 @@ def session(ctx: Context, model: str, device: str, profile: Path | None = None) 
         options.profile_file_prefix = str(profile)
     providers: list[Any] = ["CPUExecutionProvider"]
     if device == "cuda":
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": "0"}))
+        # As models/build.py configures the ResNet for Lockgate: the same for both sides.
+        cuda = {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+        providers.insert(0, ("CUDAExecutionProvider", cuda))
     path = ctx.repository / model / "1" / "model.onnx"
     return ort.InferenceSession(str(path), options, providers=providers)
 

@@ -540,6 +540,13 @@ RESNET_MAX_BATCH: Final = 64
 #: this graph leaves out (inference folds them into the convolutions anyway):
 #: without it the 16 residual sums grow activations past FP16's range.
 RESNET_RESIDUAL_SCALE: Final = 0.2
+#: cuDNN's exhaustive search (ONNX Runtime's and Triton's default) benchmarks
+#: every convolution at each new batch size, which under dynamic batching
+#: stalls the first requests of every size for seconds; the heuristic choice
+#: costs little. Unused (and logged so) on a CPU.
+RESNET_PARAMETERS: Final = (
+    'parameters { key: "cudnn_conv_algo_search" value: { string_value: "1" } }'
+)
 
 
 class _Graph:
@@ -639,6 +646,7 @@ def build_resnet50(
         max_batch_size=RESNET_MAX_BATCH,
         initializers=initializers,
         dynamic_batching="dynamic_batching { max_queue_delay_microseconds: 100 }",
+        extra=RESNET_PARAMETERS,
         force=force,
     )
 

@@ -124,15 +124,18 @@ class GraphRunner:
     A captured CUDA graph replays with the device addresses it was captured
     with, so every set of input shapes (in practice: every batch size) gets
     its own device-resident input and output buffers, allocated at its first
-    run and kept, and its own graph
-    (``gpu_graph_id``, ONNX Runtime 1.18+). Inputs are copied into those
-    buffers in place; outputs are copied out to new host arrays, since the
-    buffers are reused by the next batch of that size.
+    run and kept, and its own graph (``gpu_graph_id``, ONNX Runtime 1.18+).
+    Inputs are copied into those buffers in place; outputs are copied out to
+    new host arrays, since the buffers are reused by the next batch of that
+    size. ``device`` "cpu" runs the same buffer handling without a graph (the
+    CPU provider ignores ``gpu_graph_id``), which is how CI tests it.
     """
 
-    def __init__(self, session: ort.InferenceSession, gpu: int) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, device: str = "cuda", device_id: int = 0
+    ) -> None:
         self._session = session
-        self._gpu = gpu
+        self._device = (device, device_id)
         first, symbol = _batch_symbol(session)
         self._batch_input = first or session.get_inputs()[0].name
         self._outputs = [
@@ -146,21 +149,23 @@ class GraphRunner:
                 f"{unknown} have other variable dimensions"
             )
         self._graphs: dict[
-            tuple[tuple[int, ...], ...],
+            tuple[tuple[str, tuple[int, ...]], ...],
             tuple[ort.IOBinding, dict[str, ort.OrtValue], ort.RunOptions],
         ] = {}
 
     def run(self, feeds: dict[str, Array]) -> list[Array]:
         """Run one batch: copy inputs in, replay (or capture) its graph, copy outputs out."""
-        key = tuple(value.shape for value in feeds.values())
+        # By name: callers may list the inputs in any order.
+        key = tuple(sorted((name, value.shape) for name, value in feeds.items()))
         binding, inputs, options = self._graphs.get(key) or self._prepare(key, feeds)
         for name, value in feeds.items():
             inputs[name].update_inplace(np.ascontiguousarray(value))
         self._session.run_with_iobinding(binding, options)
-        return [np.asarray(value.numpy()) for value in binding.get_outputs()]
+        # Copies: a CPU OrtValue's numpy() may be a view of the reused buffer.
+        return [np.array(value.numpy(), copy=True) for value in binding.get_outputs()]
 
     def _prepare(
-        self, key: tuple[tuple[int, ...], ...], feeds: dict[str, Array]
+        self, key: tuple[tuple[str, tuple[int, ...]], ...], feeds: dict[str, Array]
     ) -> tuple[ort.IOBinding, dict[str, ort.OrtValue], ort.RunOptions]:
         batch = feeds[self._batch_input]
         rows = int(batch.shape[0]) if batch.ndim else 0
@@ -168,14 +173,14 @@ class GraphRunner:
         inputs = {}
         for name, value in feeds.items():
             device = ort.OrtValue.ortvalue_from_shape_and_type(
-                list(value.shape), value.dtype, "cuda", self._gpu
+                list(value.shape), value.dtype, *self._device
             )
             binding.bind_ortvalue_input(name, device)
             inputs[name] = device
         for name, dtype, template in self._outputs:
             assert template is not None  # checked at load
             shape = [rows if d == BATCH else d for d in template]
-            device = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", self._gpu)
+            device = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, *self._device)
             binding.bind_ortvalue_output(name, device)
         options = ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", str(len(self._graphs) + 1))

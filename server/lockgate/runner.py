@@ -235,7 +235,7 @@ def _bound_runner(
                 "string and bfloat16 tensors cannot use"
             )
         try:
-            return GraphRunner(session, placement.gpu or 0)
+            return GraphRunner(session, "cuda", placement.gpu if placement.gpu is not None else 0)
         except ValueError as exc:
             raise ModelLoadError(f"model '{config.name}': {exc}") from None
     if wanted and bindable(session):
