@@ -268,7 +268,8 @@ class Context:
 
     @property
     def compared(self) -> list[str]:
-        return ["simple", "simple_string", "mlp"] if self.quick else EXAMPLES + GPU_MODELS
+        quick = ["simple", "simple_string", "mlp", "mlp_cuda_graph"]
+        return quick if self.quick else [*EXAMPLES, "mlp_cuda_graph", *GPU_MODELS]
 
     def check(self, step: str, name: str, ok: bool | None, detail: str) -> None:
         self.checks.append(Check(step, name, ok, detail))
@@ -288,34 +289,47 @@ class Context:
 
 def build_repository(ctx: Context) -> None:
     """The example (and GPU) models, plus twins without batching and with 2 instances."""
-    from google.protobuf import text_format
-
-    from lockgate_client._proto import model_config_pb2 as mc
     from models import build
 
     builders = [*build.EXAMPLE_BUILDERS, *(() if ctx.quick else build.GPU_BUILDERS)]
     for builder in builders:
         builder(ctx.repository)
     for name in ctx.perf_models:
-        source = ctx.repository / name
-        for suffix, batching, count in (
-            ("_x2", True, 2),
-            ("_nobatch", False, 1),
-            ("_nobatch_x2", False, 2),
-        ):
-            config = mc.ModelConfig()
-            text_format.Parse((source / "config.pbtxt").read_text(), config)
-            config.name = name + suffix
-            if not batching:
-                config.ClearField("dynamic_batching")
-            del config.instance_group[:]
-            config.instance_group.add(count=count)
-            twin = ctx.repository / config.name
-            (twin / "1").mkdir(parents=True, exist_ok=True)
-            (twin / "config.pbtxt").write_text(text_format.MessageToString(config))
-            link = twin / "1" / "model.onnx"
-            if not link.exists():
-                link.symlink_to((source / "1" / "model.onnx").resolve())
+        twin(ctx.repository, name, "_x2", batching=True, count=2)
+        twin(ctx.repository, name, "_nobatch", batching=False, count=1)
+        twin(ctx.repository, name, "_nobatch_x2", batching=False, count=2)
+    # CUDA graphs (fixed device buffers per batch size) on the GPU; on the CPU
+    # the option is logged as unused and the model runs as usual.
+    graph = twin(ctx.repository, "mlp", "_cuda_graph", batching=True, count=1)
+    graph.parameters["enable_cuda_graph"].string_value = "1"
+    write_config(ctx.repository, graph)
+
+
+def twin(repo: Path, name: str, suffix: str, *, batching: bool, count: int) -> Any:
+    """A copy of model ``name`` (its ONNX file linked) with another config; returns it."""
+    from google.protobuf import text_format
+
+    from lockgate_client._proto import model_config_pb2 as mc
+
+    config = mc.ModelConfig()
+    text_format.Parse((repo / name / "config.pbtxt").read_text(), config)
+    config.name = name + suffix
+    if not batching:
+        config.ClearField("dynamic_batching")
+    del config.instance_group[:]
+    config.instance_group.add(count=count)
+    write_config(repo, config)
+    link = repo / config.name / "1" / "model.onnx"
+    if not link.exists():
+        link.symlink_to((repo / name / "1" / "model.onnx").resolve())
+    return config
+
+
+def write_config(repo: Path, config: Any) -> None:
+    from google.protobuf import text_format
+
+    (repo / config.name / "1").mkdir(parents=True, exist_ok=True)
+    (repo / config.name / "config.pbtxt").write_text(text_format.MessageToString(config))
 
 
 def variants(model: str) -> dict[str, str]:
@@ -390,7 +404,8 @@ def kernel_time_by_provider(profile: str) -> dict[str, float]:
 def step_providers(ctx: Context) -> None:
     print("step 1: is the CUDA provider really used?", flush=True)
     results = {}
-    for model in ctx.compared:
+    # The CUDA-graph twin is the same file as the MLP: it differs only when served.
+    for model in [m for m in ctx.compared if not m.endswith("_cuda_graph")]:
         sess = session(ctx, model, ctx.device, profile=ctx.out / f"profile-{model}")
         feeds = random_feeds(sess, 4)
         for _ in range(3):
