@@ -112,7 +112,9 @@ def test_latest_version_only_by_default(client: tc.InferenceServerClient) -> Non
     [
         pytest.param(lambda c: c.get_cuda_shared_memory_status(), "CUDA shared memory", id="cuda"),
         pytest.param(
-            lambda c: c.unregister_cuda_shared_memory(), "CUDA shared memory", id="cuda-unregister"
+            lambda c: c.register_cuda_shared_memory("r", b"", 0, 64),
+            "CUDA shared memory",
+            id="cuda-register",
         ),
         pytest.param(lambda c: c.get_trace_settings(), "trace settings", id="trace"),
         pytest.param(

@@ -379,8 +379,12 @@ class Servicer(service.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryRegister(self, request: Any, context: Context) -> Any:
         return await self._cuda_unsupported(context)
 
-    async def CudaSharedMemoryUnregister(self, request: Any, context: Context) -> Any:
-        return await self._cuda_unsupported(context)
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Context
+    ) -> Any:
+        # No CUDA region can ever be registered, and Triton answers success for
+        # names it does not hold: perf_analyzer unregisters both kinds at exit.
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     async def TraceSetting(self, request: Any, context: Context) -> Any:
         await _abort(
