@@ -31,7 +31,7 @@ from lockgate.uploads import MAX_UPLOAD_PATH_DEPTH, remove_scratch, write_model_
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import inference_service_pb2_grpc as svc
 from lockgate_client._proto import model_config_pb2 as mc
-from models.build import build_identity, build_slow
+from models.build import build_broken, build_identity, build_slow
 
 Tensor = pb.ModelInferRequest.InferInputTensor
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -398,3 +398,58 @@ def test_two_models_with_one_name_are_refused(tmp_path: Path, layout: str) -> No
     log = server.log()
     assert "two models are named 'model'" in log
     assert "rename one of them" in log
+
+
+# --- readiness: a new model that fails does not take a serving server out of rotation ---------
+
+
+def test_a_new_model_that_fails_leaves_readiness_alone(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    build_identity(tmp_path, "identity_fp32", "TYPE_FP32")
+    build_broken(tmp_path)
+    server = start_server(
+        tmp_path,
+        "--strict-readiness",
+        *("--model-control-mode", "explicit", "--load-model", "identity_fp32"),
+    )
+    with grpc.insecure_channel(server.url) as channel:
+        stub = svc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        health = health_pb2_grpc.HealthStub(channel)
+        code, message = refused(
+            lambda: stub.RepositoryModelLoad(
+                pb.RepositoryModelLoadRequest(model_name="broken"), timeout=120
+            )
+        )
+        assert code == INVALID and "broken" in message
+        reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert stub.ServerReady(pb.ServerReadyRequest(), timeout=60).ready
+        # The failed model's own health service says it is not serving.
+        reply = health.Check(health_pb2.HealthCheckRequest(service="broken"), timeout=60)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert_serving(stub)
+
+
+def test_a_model_that_fails_at_startup_keeps_the_server_unready(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """What the server was started to serve is owed: a rollout with a broken model halts."""
+    build_identity(tmp_path, "identity_fp32", "TYPE_FP32")
+    build_broken(tmp_path)
+    server = start_server(tmp_path, "--strict-readiness", wait=False)
+    with grpc.insecure_channel(server.url) as channel:
+        stub = svc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        health = health_pb2_grpc.HealthStub(channel)
+        model = health_pb2.HealthCheckRequest(service="identity_fp32")
+        for _ in range(600):  # per-model health is published with readiness, after startup
+            try:
+                if health.Check(model, timeout=60).status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        else:
+            pytest.fail("startup loading never ended")
+        assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=60).ready
+        assert_serving(stub)

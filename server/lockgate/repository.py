@@ -125,6 +125,10 @@ class ModelEntry:
     unloaded: bool = False
     #: A load is in progress (its versions are LOADING once they are known).
     loading: bool = False
+    #: Strict readiness waits for it: loaded at startup, or has served since.
+    #: A new model that never served does not take a serving server out of
+    #: rotation when its load fails.
+    owed: bool = False
 
 
 class ModelRepository:
@@ -219,9 +223,17 @@ class ModelRepository:
         return rows
 
     def all_ready(self) -> bool:
-        """Every known model has a ready version (strict readiness)."""
+        """Every model owed has a ready version (strict readiness).
+
+        Owed: the models loaded at startup, and any model once it has served.
+        A model loaded later that fails before it ever served is reported in
+        the index but leaves readiness alone (Kubernetes would otherwise take
+        a pod that serves every other model out of its Service).
+        """
         return all(
-            e.unloaded or any(s.state == ModelState.READY for s in e.versions.values())
+            e.unloaded
+            or not e.owed
+            or any(s.state == ModelState.READY for s in e.versions.values())
             for e in self._entries.values()
         )
 
@@ -328,7 +340,8 @@ class ModelRepository:
         # Wait for every load, not just the first failure: readiness and
         # per-model health are published once this returns.
         results = await asyncio.gather(
-            *(self.load(name, sources=sources) for name in wanted), return_exceptions=True
+            *(self.load(name, sources=sources, owed=True) for name in wanted),
+            return_exceptions=True,
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         for error in errors:
@@ -345,8 +358,13 @@ class ModelRepository:
         config_json: str | None = None,
         files: dict[str, bytes] | None = None,
         sources: dict[str, ModelSource] | None = None,
+        owed: bool = False,
     ) -> None:
-        """Load (or reload) ``name``; new versions serve before old ones drain."""
+        """Load (or reload) ``name``; new versions serve before old ones drain.
+
+        ``owed``: strict readiness waits for this model even if it never
+        serves (startup loads); otherwise only once it has served.
+        """
         async with self._locks.setdefault(name, asyncio.Lock()):
             # Before any state changes: a load refused here leaves no trace.
             self.lifecycle.check_loading(name)
@@ -369,6 +387,7 @@ class ModelRepository:
             self._entries[name] = new_entry if entry is None else entry
             target = self._entries[name]
             target.unloaded = False
+            target.owed = target.owed or owed
             target.loading = True
             try:
                 config, paths = await asyncio.to_thread(self._plan_versions, source, config_json)
@@ -405,6 +424,8 @@ class ModelRepository:
             target.scratch = scratch
             target.reason = ""
             target.versions = loaded
+            if any(s.state == ModelState.READY for s in loaded.values()):
+                target.owed = True
             self._refresh_default(name)
             retired = [
                 s.model for v, s in old.items() if s.model is not None and loaded.get(v) is not s
@@ -493,6 +514,7 @@ class ModelRepository:
                 remove_scratch(entry.scratch)
                 entry.scratch = None
             entry.unloaded = True
+            entry.owed = False  # loaded again later, it is a new model
 
     async def _retire(self, models: list[ModelVersion]) -> None:
         """Drain, close and log each version, all at once: they stopped taking requests together."""
