@@ -190,7 +190,7 @@ VERSION_TENSORS = ([Tensor("INPUT0", "TYPE_INT32", (4,))], [Tensor("OUTPUT0", "T
 TRITON_EXTRAS = """
 optimization {
   graph { level: 1 }
-  execution_accelerators { cpu_execution_accelerator: [ { name: "openvino" } ] }
+  execution_accelerators { gpu_execution_accelerator: [ { name: "cuda" } ] }
   input_pinned_memory { enable: true }
 }
 parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
