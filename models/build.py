@@ -656,6 +656,119 @@ def build_resnet50_fp16(repo: Path, *, force: bool = False) -> Path:
     return build_resnet50(repo, "resnet50_fp16", fp16=True, force=force)
 
 
+# --------------------------------------------------------------------------- ensemble
+
+#: The ``digits`` pipeline: 8x8 grey images (UINT8, 64 pixels) -> 10 classes.
+DIGITS_PIXELS: Final = 64
+DIGITS_CLASSES: Final = 10
+
+
+def build_digits_preprocess(repo: Path, *, force: bool = False) -> Path:
+    """``digits_preprocess``: PIXELS UINT8 [64] -> SCALED FP32 [64] = (x / 255 - 0.5) / 0.25."""
+    name = "digits_preprocess"
+    nodes = [
+        helper.make_node("Cast", ["PIXELS"], ["pixels"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["pixels", "full"], ["unit"]),
+        helper.make_node("Sub", ["unit", "mean"], ["centred"]),
+        helper.make_node("Div", ["centred", "spread"], ["SCALED"]),
+    ]
+    constants = [
+        _const("full", np.array(255.0, np.float32)),
+        _const("mean", np.array(0.5, np.float32)),
+        _const("spread", np.array(0.25, np.float32)),
+    ]
+    return write_single(
+        repo,
+        name,
+        nodes,
+        [Tensor("PIXELS", "TYPE_UINT8", (DIGITS_PIXELS,))],
+        [Tensor("SCALED", "TYPE_FP32", (DIGITS_PIXELS,))],
+        max_batch_size=16,
+        initializers=constants,
+        force=force,
+    )
+
+
+def build_digits_classifier(repo: Path, *, force: bool = False) -> Path:
+    """``digits_classifier``: SCALED FP32 [64] -> PROBS FP32 [10] (Gemm, Softmax), LABEL INT64.
+
+    LABEL is ArgMax without keepdims: ONNX shape [N], which config.pbtxt
+    declares as Triton does, ``dims: [1]`` with ``reshape { shape: [] }``.
+    """
+    name = "digits_classifier"
+    rng = np.random.default_rng(64)
+    nodes = [
+        helper.make_node("Gemm", ["SCALED", "weight", "bias"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["PROBS"], axis=1),
+        helper.make_node("ArgMax", ["logits"], ["LABEL"], axis=1, keepdims=0),
+    ]
+    weights = [
+        _const("weight", _he_normal(rng, (DIGITS_CLASSES, DIGITS_PIXELS), DIGITS_PIXELS)),
+        _const("bias", _bias(rng, DIGITS_CLASSES)),
+    ]
+    inputs = [Tensor("SCALED", "TYPE_FP32", (DIGITS_PIXELS,))]
+    probs = Tensor("PROBS", "TYPE_FP32", (DIGITS_CLASSES,))
+    onnx_model = model_bytes(
+        name,
+        nodes,
+        inputs,
+        [probs, Tensor("LABEL", "TYPE_INT64", ())],
+        batched=True,
+        initializers=weights,
+    )
+    label_block = (
+        '  {\n    name: "LABEL"\n    data_type: TYPE_INT64\n    dims: [ 1 ]\n'
+        "    reshape { shape: [ ] }\n  }"
+    )
+    config = config_text(name, 16, inputs, [probs]).replace(
+        probs.config_block() + "\n]", probs.config_block() + ",\n" + label_block + "\n]"
+    )
+    return write_model(repo, name, config, {1: onnx_model}, force=force)
+
+
+def build_digits(repo: Path, *, force: bool = False) -> Path:
+    """``digits``: Triton ensemble ``digits_preprocess`` -> ``digits_classifier``.
+
+    Builds the two composing models too; the ensemble's version directory is
+    empty, as Triton's are.
+    """
+    build_digits_preprocess(repo, force=force)
+    build_digits_classifier(repo, force=force)
+    name = "digits"
+    config = (
+        CONFIG_HEADER
+        + f'name: "{name}"\n'
+        + 'platform: "ensemble"\n'
+        + "max_batch_size: 16\n"
+        + f"input [\n{Tensor('PIXELS', 'TYPE_UINT8', (DIGITS_PIXELS,)).config_block()}\n]\n"
+        + "output [\n"
+        + Tensor("PROBS", "TYPE_FP32", (DIGITS_CLASSES,)).config_block()
+        + ",\n"
+        + Tensor("LABEL", "TYPE_INT64", (1,)).config_block()
+        + "\n]\n"
+        + "ensemble_scheduling {\n"
+        + "  step [\n"
+        + "    {\n"
+        + '      model_name: "digits_preprocess"\n'
+        + "      model_version: -1\n"
+        + '      input_map { key: "PIXELS" value: "PIXELS" }\n'
+        + '      output_map { key: "SCALED" value: "scaled" }\n'
+        + "    },\n"
+        + "    {\n"
+        + '      model_name: "digits_classifier"\n'
+        + "      model_version: -1\n"
+        + '      input_map { key: "SCALED" value: "scaled" }\n'
+        + '      output_map { key: "PROBS" value: "PROBS" }\n'
+        + '      output_map { key: "LABEL" value: "LABEL" }\n'
+        + "    }\n"
+        + "  ]\n"
+        + "}\n"
+    )
+    model_dir = write_model(repo, name, config, {}, force=force)
+    (model_dir / "1").mkdir(exist_ok=True)
+    return model_dir
+
+
 # --------------------------------------------------------------------------- repository
 
 
@@ -670,6 +783,7 @@ EXAMPLE_BUILDERS: Final[tuple[Builder, ...]] = (
     build_simple_string,
     build_mlp,
     build_image_classifier,
+    build_digits,
 )
 #: Heavy models for GPU hosts, left out of the default repository.
 GPU_BUILDERS: Final[tuple[Builder, ...]] = (build_resnet50, build_resnet50_fp16)

@@ -26,7 +26,15 @@ from models.build import (  # noqa: E402
     identity_model_name,
 )
 
-EXAMPLE_MODELS = {"simple", "simple_string", "mlp", "image_classifier"}
+EXAMPLE_MODELS = {
+    "simple",
+    "simple_string",
+    "mlp",
+    "image_classifier",
+    "digits",
+    "digits_preprocess",
+    "digits_classifier",
+}
 TEST_MODELS = {"slow", "gather_fail", "autocomplete", "versioned", "broken", "nobatch"}
 
 
@@ -88,6 +96,9 @@ def test_configs_parse_and_match_models(repo: Path) -> None:
             continue
         config = parse_config(repo, model_dir.name)
         assert config.name == model_dir.name
+        if config.platform == "ensemble":
+            assert not (model_dir / "1" / MODEL_FILE).exists()
+            continue
         assert config.platform == "onnxruntime_onnx"
         if model_dir.name == "broken":
             continue

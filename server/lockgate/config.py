@@ -288,8 +288,12 @@ def validate_config(config: mc.ModelConfig) -> None:
     if config.max_batch_size < 0:
         raise ModelLoadError(f"model '{name}': max_batch_size must be >= 0")
     scheduling = config.WhichOneof("scheduling_choice")
-    if scheduling in ("sequence_batching", "ensemble_scheduling"):
+    if scheduling == "sequence_batching":
         raise ModelLoadError(f"model '{name}': {scheduling} is not supported by Lockgate")
+    if (scheduling == "ensemble_scheduling") != (config.platform == "ensemble"):
+        raise ModelLoadError(
+            f"model '{name}': ensemble_scheduling and platform \"ensemble\" go together"
+        )
     if config.model_transaction_policy.decoupled:
         raise ModelLoadError(f"model '{name}': decoupled models are not supported")
     if config.batch_input or config.batch_output:

@@ -18,6 +18,14 @@ from lockgate.batcher import BatchObserver, Scheduler
 from lockgate.cache import ResponseCache
 from lockgate.codec import Limits, TensorSpec
 from lockgate.config import ServerConfig, complete_config, validate_config
+from lockgate.ensemble import (
+    EnsembleScheduler,
+    Resolve,
+    check_steps,
+    complete_ensemble_config,
+    dependencies,
+    plan_steps,
+)
 from lockgate.errors import LockgateError, ModelLoadError
 from lockgate.lifecycle import Lifecycle
 from lockgate.model import ModelVersion
@@ -110,6 +118,63 @@ def load_version(
         config.max_batch_size,
         ", dynamic batching" if model.scheduler.max_rows else "",
         stats.load_seconds,
+        extra={"event": "model_loaded", "model": model.name, "version": model.version},
+    )
+    return model
+
+
+def load_ensemble(
+    name: str,
+    version: int,
+    config: mc.ModelConfig,
+    server: ServerConfig,
+    resolve: Resolve,
+    lifecycle: Lifecycle,
+    cache: ResponseCache | None = None,
+) -> ModelVersion:
+    """An ensemble version: its plan checked against the composing models loaded now."""
+    started = time.monotonic()
+    config = _copy(config)
+    complete_ensemble_config(config, name)
+    validate_config(config)
+    steps = check_steps(config, plan_steps(config), resolve)
+    stats = ModelStats(
+        name=config.name,
+        version=str(version),
+        duration_buckets=server.duration_buckets,
+        batch_buckets=server.batch_size_buckets,
+    )
+    inputs = _specs(list(config.input))
+    outputs = _specs(list(config.output))
+    output_order = [o.name for o in config.output]
+    model = ModelVersion(
+        name=config.name,
+        version=str(version),
+        config=config,
+        runners=[],
+        scheduler=EnsembleScheduler(config.name, steps, output_order, stats, resolve),
+        stats=stats,
+        inputs=inputs,
+        outputs=outputs,
+        output_names=frozenset(outputs),
+        output_order=output_order,
+        limits=Limits(
+            max_batch_size=config.max_batch_size,
+            max_elements=server.max_tensor_elements,
+            max_bytes_element=server.max_bytes_element,
+            max_bytes_elements=server.max_bytes_tensor_elements,
+        ),
+        output_datatypes={n: s.datatype for n, s in outputs.items()},
+        lifecycle=lifecycle,
+        cache=_model_cache(config, cache),
+    )
+    stats.load_seconds = time.monotonic() - started
+    log.info(
+        "loaded ensemble %s version %s: %d step(s) over %s",
+        model.name,
+        model.version,
+        len(steps),
+        ", ".join(dependencies(config)),
         extra={"event": "model_loaded", "model": model.name, "version": model.version},
     )
     return model

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from lockgate.batcher import Scheduler
 from lockgate.cache import ResponseCache
 from lockgate.codec import Limits, TensorSpec
+from lockgate.ensemble import EnsembleScheduler
 from lockgate.errors import LockgateError
 from lockgate.lifecycle import Lifecycle
 from lockgate.request import InferRequest, Outputs
@@ -45,7 +46,8 @@ class ModelVersion:
     version: str
     config: mc.ModelConfig
     runners: list[Runner]
-    scheduler: Scheduler
+    #: The batcher; for an ensemble, the scheduler that runs its steps.
+    scheduler: Scheduler | EnsembleScheduler
     stats: ModelStats
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]

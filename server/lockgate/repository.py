@@ -10,6 +10,7 @@ reported in the index with its reason and never stops the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -24,6 +25,7 @@ from lockgate.config import (
     parse_config_override,
     read_model_config,
 )
+from lockgate.ensemble import dependencies, is_ensemble
 from lockgate.errors import (
     InvalidInputError,
     LoadAbandonedError,
@@ -34,7 +36,7 @@ from lockgate.errors import (
     clip,
 )
 from lockgate.lifecycle import Lifecycle
-from lockgate.loader import load_version
+from lockgate.loader import load_ensemble, load_version
 from lockgate.model import ModelState, ModelVersion
 from lockgate.uploads import remove_scratch, write_model_files
 from lockgate_client._proto import model_config_pb2 as mc
@@ -93,6 +95,14 @@ class ModelSource:
             raise ModelLoadError(
                 f"model '{self.name}': default_model_filename {filename!r} must be a file name"
             )
+        if is_ensemble(config):
+            # An ensemble has no model file: its version directories may be empty.
+            found = {
+                int(entry.name): entry
+                for entry in self.directory.iterdir()
+                if entry.is_dir() and _is_number(entry.name)
+            }
+            return select_versions(found or {1: self.directory}, config.version_policy)
         found = {
             int(entry.name): entry / filename
             for entry in self.directory.iterdir()
@@ -129,6 +139,10 @@ class ModelEntry:
     #: A new model that never served does not take a serving server out of
     #: rotation when its load fails.
     owed: bool = False
+    #: An ensemble's composing models.
+    depends_on: list[str] = field(default_factory=list)
+    #: An ensemble unloaded because a composing model was: reloaded when it is back.
+    orphaned: bool = False
 
 
 class ModelRepository:
@@ -338,11 +352,23 @@ class ModelRepository:
             if name not in sources:
                 raise ModelNotFoundError(f"no model '{clip(name)}' in the model repository")
         # Wait for every load, not just the first failure: readiness and
-        # per-model health are published once this returns.
+        # per-model health are published once this returns. Ensembles load
+        # after the models they compose (nested ones after their inner ones).
+        ensembles = {name: self._dependencies(name, None, sources) for name in wanted}
+        ensembles = {name: deps for name, deps in ensembles.items() if deps}
         results = await asyncio.gather(
-            *(self.load(name, sources=sources, owed=True) for name in wanted),
+            *(
+                self.load(name, sources=sources, owed=True)
+                for name in wanted
+                if name not in ensembles
+            ),
             return_exceptions=True,
         )
+        for name in _ensemble_order(ensembles):
+            try:
+                await self.load(name, sources=sources, owed=True)
+            except BaseException as exc:
+                results.append(exc)
         errors = [r for r in results if isinstance(r, BaseException)]
         for error in errors:
             if not isinstance(error, LockgateError):
@@ -359,12 +385,63 @@ class ModelRepository:
         files: dict[str, bytes] | None = None,
         sources: dict[str, ModelSource] | None = None,
         owed: bool = False,
+        chain: frozenset[str] = frozenset(),
     ) -> None:
         """Load (or reload) ``name``; new versions serve before old ones drain.
 
         ``owed``: strict readiness waits for this model even if it never
         serves (startup loads); otherwise only once it has served.
+
+        An ensemble's composing models that are not loaded are loaded first,
+        and ensembles that lost this model when it was unloaded come back after
+        it, as Triton does. ``chain`` holds the loads this one is part of.
         """
+        chain = chain | {name}
+        depends_on: list[str] = []
+        if not files:
+            sources = sources if sources is not None else self.discover()
+            depends_on = self._dependencies(name, config_json, sources)
+            for dependency in depends_on:
+                entry = self._entries.get(dependency)
+                wanted = entry is None or entry.unloaded
+                if dependency in chain or dependency not in sources or not wanted:
+                    continue
+                with contextlib.suppress(LockgateError):  # the ensemble's load names the step
+                    await self.load(dependency, sources=sources, chain=chain)
+        try:
+            await self._load_one(name, config_json, files, sources, owed)
+        finally:
+            if name in self._entries:
+                self._entries[name].depends_on = depends_on
+                self._entries[name].orphaned = False
+        for dependent, entry in list(self._entries.items()):
+            if entry.orphaned and name in entry.depends_on and dependent not in chain:
+                with contextlib.suppress(LockgateError):  # its own entry says why
+                    await self.load(dependent, chain=chain)
+
+    def _dependencies(
+        self, name: str, config_json: str | None, sources: dict[str, ModelSource]
+    ) -> list[str]:
+        """The models an ensemble composes; [] for other models and unreadable configs."""
+        try:
+            if config_json is not None:
+                config = parse_config_override(config_json, name)
+            elif name in sources:
+                config = sources[name].config()
+            else:
+                return []
+        except LockgateError:
+            return []  # the load itself reports the broken config
+        return dependencies(config) if is_ensemble(config) else []
+
+    async def _load_one(
+        self,
+        name: str,
+        config_json: str | None,
+        files: dict[str, bytes] | None,
+        sources: dict[str, ModelSource] | None,
+        owed: bool,
+    ) -> None:
         async with self._locks.setdefault(name, asyncio.Lock()):
             # Before any state changes: a load refused here leaves no trace.
             self.lifecycle.check_loading(name)
@@ -462,6 +539,18 @@ class ModelRepository:
         for version, path in sorted(paths.items()):
             try:
                 self.lifecycle.check_loading(source.name)
+                if is_ensemble(config):
+                    model = load_ensemble(
+                        source.name,
+                        version,
+                        config,
+                        self.config,
+                        self.get,
+                        self.lifecycle,
+                        self.cache,
+                    )
+                    states[version] = VersionState(ModelState.READY, model=model)
+                    continue
                 model = load_version(
                     source.name,
                     version,
@@ -515,6 +604,19 @@ class ModelRepository:
                 entry.scratch = None
             entry.unloaded = True
             entry.owed = False  # loaded again later, it is a new model
+        await self._unload_dependents(name)
+
+    async def _unload_dependents(self, name: str) -> None:
+        """Ensembles over ``name`` cannot serve without it: unload them too (Triton)."""
+        for dependent, entry in list(self._entries.items()):
+            if name not in entry.depends_on or not any(
+                s.state == ModelState.READY for s in entry.versions.values()
+            ):
+                continue
+            await self.unload(dependent)
+            entry.orphaned = True
+            for state in entry.versions.values():
+                state.reason = f"composing model '{name}' was unloaded"
 
     async def _retire(self, models: list[ModelVersion]) -> None:
         """Drain, close and log each version, all at once: they stopped taking requests together."""
@@ -564,6 +666,20 @@ class ModelRepository:
         for entry in self._entries.values():
             if entry.scratch is not None:
                 remove_scratch(entry.scratch)
+
+
+def _ensemble_order(ensembles: dict[str, list[str]]) -> list[str]:
+    """Ensembles in an order where nested ones come before those that use them."""
+    ordered: list[str] = []
+    waiting = dict(ensembles)
+    while waiting:
+        ready = [n for n, deps in waiting.items() if not any(d in waiting for d in deps)]
+        if not ready:  # a cycle between ensembles: each load then names the missing step
+            ready = sorted(waiting)
+        for name in ready:
+            ordered.append(name)
+            del waiting[name]
+    return ordered
 
 
 def _is_number(text: str) -> bool:
