@@ -33,11 +33,11 @@ models: $(STAMP)  ## build the example ONNX models into models/repository
 run: models  ## install, build the models, and serve them on 127.0.0.1:8001
 	$(VENV)/bin/lockgate serve --model-repository $(REPO) --host $(HOST) $(ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff: lint and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-typecheck: $(STAMP)
+typecheck: $(STAMP)  ## mypy --strict over the server, the client, models and tests
 	$(VENV)/bin/mypy server/lockgate client/lockgate_client models tests
 
 check-protos: $(STAMP)  ## prove the generated code matches protos/
@@ -92,5 +92,5 @@ fuzz: $(STAMP)  ## long fuzzing passes against a live server: hypothesis, then a
 soak: models  ## mixed traffic for SOAK_SECONDS (default 600); reports RSS growth
 	$(PY) bench/soak.py --repository $(REPO) $(ARGS)
 
-clean:
+clean:  ## remove .venv, the built models and the caches
 	rm -rf $(VENV) $(REPO) build dist .mypy_cache .ruff_cache .pytest_cache

@@ -11,16 +11,24 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from google.protobuf import json_format, text_format
 
+from lockgate.codec import Limits
 from lockgate.errors import ModelLoadError
 from lockgate.reshape import check_reshape
+from lockgate.settings import (
+    Alternative,
+    non_negative_int,
+    port,
+    ratio,
+    seconds_or_off,
+    setting,
+)
 from lockgate.stats import BATCH_BUCKETS, DURATION_BUCKETS
 from lockgate_client._proto import model_config_pb2 as mc
 from lockgate_client.datatypes import CONFIG_TO_WIRE
@@ -45,45 +53,233 @@ BACKEND = "onnxruntime"
 DEFAULT_MODEL_FILENAME = "model.onnx"
 
 
+def _cache_config(text: str) -> int:
+    from lockgate.cache import parse_cache_config
+
+    return parse_cache_config(text)
+
+
+def _message_bytes(text: str) -> int:
+    number = non_negative_int(text)
+    if not 0 < number <= MAX_MESSAGE_BYTES:
+        raise ValueError(f"expected a size from 1 to {MAX_MESSAGE_BYTES} bytes")
+    return number
+
+
+def _buckets(text: str) -> tuple[float, ...]:
+    return parse_buckets(text)
+
+
 @dataclass
 class ServerConfig:
-    """Everything ``lockgate serve`` can be told, by flag or LOCKGATE_* env."""
+    """Everything ``lockgate serve`` can be told, by flag or LOCKGATE_* env.
 
-    model_repository: list[str] = field(default_factory=list)
-    host: str = "127.0.0.1"
-    grpc_port: int = DEFAULT_GRPC_PORT
-    metrics_port: int = DEFAULT_METRICS_PORT
-    metrics: bool = True
-    model_control_mode: ModelControlMode = "none"
-    load_models: list[str] = field(default_factory=list)
-    repository_poll_secs: float = 15.0
-    default_max_batch_size: int = 4
-    strict_readiness: bool = True
-    drain_seconds: float = 30.0
-    grpc_max_connection_age: float | None = None
-    grpc_keepalive_time: float | None = None
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    log_format: Literal["text", "json"] = "text"
-    log_level: str = "info"
-    trace: bool = False
-    trace_ratio: float = 1.0
-    #: Histogram bucket bounds: durations in seconds, batch sizes in rows.
-    duration_buckets: tuple[float, ...] = DURATION_BUCKETS
-    batch_size_buckets: tuple[float, ...] = BATCH_BUCKETS
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    auth_token_file: str | None = None
-    max_tensor_elements: int = 2**28
-    max_bytes_element: int = 64 * 2**20
-    max_bytes_tensor_elements: int = 2**20
-    max_concurrent_streams: int = 1024
-    max_stream_requests: int = 64
-    max_health_watches: int = 64
+    Each field is declared once, with its help; settings.py makes the flag
+    (``--field-name``) and the environment variable (``LOCKGATE_FIELD_NAME``)
+    from it.
+    """
+
+    # --- models
+    model_repository: list[str] = setting(
+        [],
+        "Triton-layout repository: DIR/<model>/config.pbtxt, DIR/<model>/<version>/"
+        "model.onnx (repeatable; flags replace the environment's list)",
+        "models",
+        repeatable=True,
+        metavar="DIR",
+        shown_default="none",
+    )
+    model_control_mode: ModelControlMode = setting(
+        "none",
+        "none: load everything at start; explicit: load/unload over gRPC; "
+        "poll: reload when the repository changes",
+        "models",
+        choices=("none", "explicit", "poll"),
+    )
+    load_models: list[str] = setting(
+        [],
+        "explicit mode: models to load at start ('*' for all; repeatable)",
+        "models",
+        flag="load-model",
+        repeatable=True,
+        metavar="NAME",
+        shown_default="none",
+    )
+    repository_poll_secs: float = setting(
+        15.0, "poll mode: seconds between two scans of the repository", "models", metavar="S"
+    )
+    default_max_batch_size: int = setting(
+        4,
+        "max_batch_size given to batchable models whose config does not set one",
+        "models",
+        metavar="N",
+    )
     #: Response cache size; 0: no cache (models that enable one serve uncached).
-    response_cache_bytes: int = 0
+    response_cache_bytes: int = setting(
+        0,
+        "response cache size in bytes, for models with response_cache { enable: true }; "
+        "0: no cache",
+        "models",
+        aliases=("--response-cache-byte-size",),  # Triton's older name for the same flag
+        metavar="N",
+        also=(
+            Alternative(
+                "--cache-config",
+                _cache_config,
+                "local,size=N",
+                "Triton's form of --response-cache-bytes",
+            ),
+        ),
+    )
+    # --- network
+    host: str = setting("127.0.0.1", "address to listen on", "network")
+    grpc_port: int = setting(DEFAULT_GRPC_PORT, "gRPC port", "network", port, metavar="PORT")
+    metrics_port: int = setting(
+        DEFAULT_METRICS_PORT, "Prometheus metrics port", "network", port, metavar="PORT"
+    )
+    metrics: bool = setting(
+        True, "serve Prometheus metrics on --metrics-port at /metrics", "network", boolean=True
+    )
+    grpc_max_connection_age: float | None = setting(
+        None,
+        "close client connections after this long so load rebalances to new replicas",
+        "network",
+        seconds_or_off,
+        metavar="SECONDS",
+        shown_default="off",
+    )
+    grpc_keepalive_time: float | None = setting(
+        None,
+        "ping idle client connections this often (clients that vanish are noticed)",
+        "network",
+        seconds_or_off,
+        metavar="SECONDS",
+        shown_default="off",
+    )
     #: "system": Triton's system shared-memory extension; "off": UNIMPLEMENTED.
-    shared_memory: SharedMemoryMode = "system"
+    shared_memory: SharedMemoryMode = setting(
+        "system",
+        "system: clients on this host may pass tensors in POSIX shared memory "
+        "regions they register (Triton's system shared-memory extension); off: refuse",
+        "network",
+        choices=("system", "off"),
+    )
+    # --- limits
+    max_message_bytes: int = setting(
+        DEFAULT_MAX_MESSAGE_BYTES,
+        f"largest request or response message (gRPC's ceiling: {MAX_MESSAGE_BYTES})",
+        "limits",
+        _message_bytes,
+        metavar="N",
+    )
+    max_concurrent_streams: int = setting(
+        1024, "concurrent RPCs one client connection may have open", "limits", metavar="N"
+    )
+    max_tensor_elements: int = setting(
+        2**28, "most elements one input tensor may declare", "limits", metavar="N"
+    )
+    max_bytes_element: int = setting(
+        64 * 2**20, "longest BYTES element (in bytes) an input may hold", "limits", metavar="N"
+    )
+    max_bytes_tensor_elements: int = setting(
+        2**20,
+        "most elements one BYTES input may hold (each costs a Python object)",
+        "limits",
+        metavar="N",
+    )
+    max_stream_requests: int = setting(
+        64,
+        "requests one ModelStreamInfer stream may have running or answered but unread; "
+        "past it the stream is not read (backpressure)",
+        "limits",
+        metavar="N",
+    )
+    max_health_watches: int = setting(
+        64,
+        "concurrent grpc.health.v1 Watch streams (open to callers without a token)",
+        "limits",
+        metavar="N",
+    )
+    # --- lifecycle
+    drain_seconds: float = setting(
+        30.0,
+        "on SIGTERM, time allowed to finish accepted requests before exit",
+        "lifecycle",
+        metavar="S",
+    )
+    strict_readiness: bool = setting(
+        True,
+        "ready only when every model is ready (else: once startup loading is done)",
+        "lifecycle",
+        boolean=True,
+    )
+    # --- security
+    tls_cert: str | None = setting(
+        None, "serve TLS with this certificate (PEM)", "security", metavar="FILE"
+    )
+    tls_key: str | None = setting(
+        None, "the private key of --tls-cert (PEM)", "security", metavar="FILE"
+    )
+    tls_client_ca: str | None = setting(
+        None,
+        "require client certificates signed by this CA (mTLS)",
+        "security",
+        metavar="FILE",
+    )
+    auth_token_file: str | None = setting(
+        None,
+        "bearer tokens, one per line: TOKEN [infer|shm|control] (comma-separated scopes)",
+        "security",
+        metavar="FILE",
+    )
+    # --- observability
+    log_level: str = setting(
+        "info",
+        "info logs model loads/unloads and each failed request; successes never",
+        "observability",
+        choices=("debug", "info", "warning", "error", "critical"),
+    )
+    log_format: Literal["text", "json"] = setting(
+        "text", "one line per event, as text or JSON", "observability", choices=("text", "json")
+    )
+    trace: bool = setting(
+        False,
+        "OpenTelemetry tracing (exporter and sampling from OTEL_* variables)",
+        "observability",
+        boolean=True,
+    )
+    trace_ratio: float = setting(
+        1.0,
+        "with --trace and no OTEL_TRACES_SAMPLER: the fraction of new traces sampled "
+        "(callers' sampling decisions are followed)",
+        "observability",
+        ratio,
+        metavar="R",
+    )
+    #: Histogram bucket bounds: durations in seconds, batch sizes in rows.
+    duration_buckets: tuple[float, ...] = setting(
+        DURATION_BUCKETS,
+        "bounds in seconds of the request/queue/compute duration histograms",
+        "observability",
+        _buckets,
+        metavar="S,S,...",
+    )
+    batch_size_buckets: tuple[float, ...] = setting(
+        BATCH_BUCKETS,
+        "bounds in rows of the batch size histogram",
+        "observability",
+        _buckets,
+        metavar="N,N,...",
+    )
+
+    def request_limits(self, max_batch_size: int) -> Limits:
+        """The per-request limits of a model with this ``max_batch_size``."""
+        return Limits(
+            max_batch_size=max_batch_size,
+            max_elements=self.max_tensor_elements,
+            max_bytes_element=self.max_bytes_element,
+            max_bytes_elements=self.max_bytes_tensor_elements,
+        )
 
 
 # --- model configuration ---------------------------------------------------
@@ -357,11 +553,6 @@ def _wire_type(data_type: int, invalid_ok: bool) -> bool:
     if data_type == mc.TYPE_INVALID:
         return invalid_ok
     return data_type in mc.DataType.values() and mc.DataType.Name(data_type) in CONFIG_TO_WIRE
-
-
-def env_default(flag: str, default: str | None = None) -> str | None:
-    """LOCKGATE_<FLAG> from the environment, e.g. LOCKGATE_GRPC_PORT."""
-    return os.environ.get("LOCKGATE_" + flag.upper().replace("-", "_"), default)
 
 
 def parse_buckets(text: str) -> tuple[float, ...]:

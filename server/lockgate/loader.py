@@ -16,7 +16,7 @@ import numpy as np
 
 from lockgate.batcher import BatchObserver, Scheduler
 from lockgate.cache import ResponseCache
-from lockgate.codec import Limits, TensorSpec
+from lockgate.codec import TensorSpec
 from lockgate.config import ServerConfig, complete_config, validate_config
 from lockgate.ensemble import (
     EnsembleScheduler,
@@ -93,12 +93,7 @@ def load_version(
         outputs=outputs,
         output_names=frozenset(outputs),
         output_order=[o.name for o in config.output],
-        limits=Limits(
-            max_batch_size=config.max_batch_size,
-            max_elements=server.max_tensor_elements,
-            max_bytes_element=server.max_bytes_element,
-            max_bytes_elements=server.max_bytes_tensor_elements,
-        ),
+        limits=server.request_limits(config.max_batch_size),
         output_datatypes={n: s.datatype for n, s in outputs.items()},
         lifecycle=lifecycle,
         cache=_model_cache(config, cache),

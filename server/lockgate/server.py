@@ -12,9 +12,11 @@ step: a session being created cannot be interrupted) and stops the same way.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -64,6 +66,38 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
     return options
 
 
+class ListenError(OSError):
+    """A port the server cannot listen on; the message names the flag to change."""
+
+
+def check_port_free(host: str, port: int, purpose: str, flag: str) -> None:
+    """Raise ListenError if something already listens on ``host:port``."""
+    if port == 0:
+        return  # any free port
+    try:
+        addresses = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {host}: {exc.strerror}; change --host") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # As the servers themselves bind: a port left in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ListenError(
+                        f"{purpose} port {port} on {host} is already in use; "
+                        f"choose another with {flag}"
+                    ) from None
+                raise ListenError(
+                    f"cannot listen for {purpose} on {host}:{port}: {exc.strerror or exc}; "
+                    f"change --host or {flag}"
+                ) from None
+
+
 class LockgateServer:
     """One Lockgate process: gRPC services, model repository, metrics."""
 
@@ -106,6 +140,11 @@ class LockgateServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        # Both ports before listening on either: gRPC would log its own error
+        # line and raise a RuntimeError naming neither the port's use nor the flag.
+        check_port_free(self.config.host, self.config.grpc_port, "gRPC", "--grpc-port")
+        if self.config.metrics:
+            check_port_free(self.config.host, self.config.metrics_port, "metrics", "--metrics-port")
         from lockgate.security import auth_interceptors
 
         interceptors = auth_interceptors(self.config)
@@ -129,7 +168,13 @@ class LockgateServer:
         if self.config.metrics:
             from lockgate.metrics import start_metrics_server
 
-            self._metrics_server = start_metrics_server(self.config, self.repository)
+            try:
+                self._metrics_server = start_metrics_server(self.config, self.repository)
+            except OSError as exc:
+                raise ListenError(
+                    f"cannot serve metrics on {self.config.host}:{self.config.metrics_port}: "
+                    f"{exc.strerror or exc}; change --metrics-port (or --no-metrics)"
+                ) from None
         await self._load_models()
         if self._stopping.is_set():
             return
@@ -146,13 +191,16 @@ class LockgateServer:
         from lockgate.security import server_credentials
 
         credentials = server_credentials(self.config)
-        port = (
-            server.add_secure_port(address, credentials)
-            if credentials is not None
-            else server.add_insecure_port(address)
-        )
+        try:
+            port = (
+                server.add_secure_port(address, credentials)
+                if credentials is not None
+                else server.add_insecure_port(address)
+            )
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise ListenError(f"cannot listen for gRPC on {address}; change --host or --grpc-port")
         return port
 
     @staticmethod
