@@ -153,12 +153,7 @@ def load_ensemble(
         outputs=outputs,
         output_names=frozenset(outputs),
         output_order=output_order,
-        limits=Limits(
-            max_batch_size=config.max_batch_size,
-            max_elements=server.max_tensor_elements,
-            max_bytes_element=server.max_bytes_element,
-            max_bytes_elements=server.max_bytes_tensor_elements,
-        ),
+        limits=server.request_limits(config.max_batch_size),
         output_datatypes={n: s.datatype for n, s in outputs.items()},
         lifecycle=lifecycle,
         cache=_model_cache(config, cache),
