@@ -420,7 +420,7 @@ def _requested_outputs(
                 region = shared_memory.lease(lease, placement.region, f"output '{output.name}'")
                 # The range must lie in the region now; the size of the
                 # result is checked once it is known.
-                region.view(placement.offset, placement.byte_size, f"output '{output.name}'")
+                region.check_range(placement.offset, placement.byte_size, f"output '{output.name}'")
                 placements = placements or {}
                 placements[output.name] = placement
     return names, placements
@@ -440,32 +440,38 @@ def _placement(
     name: str, kind: str, parameters: Any, shared_memory: SharedMemoryRegistry | None
 ) -> Placement | None:
     """Check a tensor's parameters; its shared-memory placement if it has one."""
+    # One lookup per key: upb builds a new object on every map access.
     for key, why in _UNSUPPORTED_PARAMETERS.items():
         if key in parameters:
             raise UnsupportedError(f"{kind} '{clip(name)}' has parameter '{key}': {why}")
-    tensor = f"{kind} '{clip(name)}'"
-    if _REGION not in parameters:
-        for key in (_BYTE_SIZE, _OFFSET):
-            if key in parameters:
-                raise InvalidInputError(f"{tensor} has parameter '{key}' but no '{_REGION}'")
+    region = parameters.get(_REGION)
+    byte_size = parameters.get(_BYTE_SIZE)
+    offset = parameters.get(_OFFSET)
+    if region is None:
+        if byte_size is not None or offset is not None:
+            key = _BYTE_SIZE if byte_size is not None else _OFFSET
+            raise InvalidInputError(
+                f"{kind} '{clip(name)}' has parameter '{key}' but no '{_REGION}'"
+            )
         return None
+    tensor = f"{kind} '{clip(name)}'"
     if shared_memory is None:
         raise UnsupportedError(
             f"{tensor} names a shared memory region, but system shared memory "
             "is off on this server (--shared-memory off); send tensors inline"
         )
-    region = parameters[_REGION]
     if region.WhichOneof("parameter_choice") != "string_param" or not region.string_param:
         raise InvalidInputError(f"{tensor}: '{_REGION}' must be a non-empty string")
-    if _BYTE_SIZE not in parameters:
+    if byte_size is None:
         raise InvalidInputError(f"{tensor} has '{_REGION}' but no '{_BYTE_SIZE}'")
-    byte_size = _size_parameter(tensor, parameters, _BYTE_SIZE)
-    offset = _size_parameter(tensor, parameters, _OFFSET) if _OFFSET in parameters else 0
-    return Placement(region.string_param, offset, byte_size)
+    return Placement(
+        region.string_param,
+        0 if offset is None else _size_parameter(tensor, offset, _OFFSET),
+        _size_parameter(tensor, byte_size, _BYTE_SIZE),
+    )
 
 
-def _size_parameter(tensor: str, parameters: Any, key: str) -> int:
-    value = parameters[key]
+def _size_parameter(tensor: str, value: Any, key: str) -> int:
     choice = value.WhichOneof("parameter_choice")
     if choice not in ("int64_param", "uint64_param"):
         raise InvalidInputError(f"{tensor}: '{key}' must be an integer, got {choice or 'nothing'}")

@@ -121,16 +121,25 @@ class Region:
                 f"{size} bytes of shared memory key {self.key!r}"
             )
 
-    def view(self, offset: int, byte_size: int, tensor: str) -> Bytes:
-        """``byte_size`` bytes at ``offset`` in the region, checked; no copy."""
+    def check_range(self, offset: int, byte_size: int, tensor: str) -> None:
+        """INVALID_ARGUMENT unless ``byte_size`` bytes at ``offset`` lie in the region."""
         if offset + byte_size > self.byte_size:
             raise InvalidInputError(
                 f"{tensor}: offset {offset} + byte_size {byte_size} is past the end of "
                 f"shared memory region '{self.name}' ({self.byte_size} bytes)"
             )
-        # A client that shrank its object since registering would crash us
-        # with SIGBUS: checked per use (one fstat), not only at registration.
+
+    def check_object(self, tensor: str) -> None:
+        """INVALID_ARGUMENT if the client shrank its object below the region since registering.
+
+        Touching pages past the object's end is SIGBUS: checked (one fstat)
+        when a request takes the region and again before outputs are written.
+        """
         self._check_size(f"{tensor}: shared memory region '{self.name}'")
+
+    def view(self, offset: int, byte_size: int, tensor: str) -> Bytes:
+        """``byte_size`` bytes at ``offset`` in the region, range-checked; no copy."""
+        self.check_range(offset, byte_size, tensor)
         return self._bytes[offset : offset + byte_size]
 
     def acquire(self, tensor: str) -> None:
@@ -212,6 +221,7 @@ class Lease:
         if region.name not in self._regions:
             region.acquire(tensor)
             self._regions[region.name] = region
+            region.check_object(tensor)
         return self._regions[region.name]
 
     def get(self, name: str) -> Region | None:
@@ -304,4 +314,6 @@ def write(region: Region, placement: Placement, data: Bytes, tensor: str) -> Non
             f"({placement.byte_size} bytes) should be at least {data.nbytes} bytes "
             "to hold the results"
         )
-    region.view(placement.offset, data.nbytes, tensor)[:] = data
+    target = region.view(placement.offset, data.nbytes, tensor)
+    region.check_object(tensor)
+    target[:] = data
