@@ -252,9 +252,62 @@ def test_error_mapping(client: Client) -> None:
         client.infer("slow", {"INPUT0": np.zeros((1, 256), np.float32)}, timeout=0.005)
 
 
-def test_unreachable_server_is_unavailable() -> None:
-    with Client(f"127.0.0.1:{free_port()}", retries=0) as c, pytest.raises(UnavailableError):
-        c.is_live(timeout=5)
+def test_unreachable_server() -> None:
+    """Health calls answer False, as their bool contract says; other calls raise."""
+    url = f"127.0.0.1:{free_port()}"
+    with Client(url, retries=3) as c:
+        assert c.is_live(timeout=5) is False
+        assert c.is_ready(timeout=5) is False
+        assert c.is_ready("simple", timeout=5) is False
+        with pytest.raises(UnavailableError):
+            c.infer("simple", simple_arrays(), timeout=5, retries=0)
+
+    async def main() -> None:
+        async with AsyncClient(url) as a:
+            assert await a.is_live(timeout=5) is False
+            assert await a.is_ready("simple", timeout=5) is False
+            with pytest.raises(UnavailableError):
+                await a.infer("simple", simple_arrays(), timeout=5)
+
+    asyncio.run(main())
+
+
+def test_argument_types(client: Client) -> None:
+    """An int version works everywhere; wrong types say what to pass."""
+    x = np.arange(8, dtype=np.int32).reshape(2, 4)
+    np.testing.assert_array_equal(
+        client.infer("versioned", {"INPUT0": x}, version=3)["OUTPUT0"], x + 3
+    )
+    assert client.is_ready("versioned", 3) and not client.is_ready("versioned", 1)
+    assert client.metadata("versioned", 3).name == "versioned"
+    assert client.config("versioned", version=3).name == "versioned"
+    assert client.statistics("versioned", 3)[0].version == "3"
+    with client.stream("versioned", version=3) as stream:
+        stream.send({"INPUT0": x})
+        np.testing.assert_array_equal(stream.receive()["OUTPUT0"], x + 3)
+
+    arrays = simple_arrays()
+    with pytest.raises(TypeError, match=r"inputs must map each input's name to its array.*list"):
+        client.infer("simple", list(arrays.values()))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r'version must be an int or a str, e\.g\. 1 or "1"'):
+        client.infer("simple", arrays, version=1.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="version must be"):
+        client.is_ready("simple", True)
+    with pytest.raises(TypeError, match=r"model must be the model's name \(a str\), not dict"):
+        client.infer(arrays, "simple")  # type: ignore[arg-type]
+    floats = {"INPUT0": np.ones((1, 16)), "INPUT1": arrays["INPUT1"]}
+    with pytest.raises(TypeError, match="input 'INPUT0': cannot send a float64 array as INT32"):
+        client.infer("simple", floats, datatypes={"INPUT0": "INT32"})
+
+
+def test_async_client_in_a_second_event_loop(server: ServerProcess) -> None:
+    """One AsyncClient used by two asyncio.run calls: a new channel for the new loop."""
+    client = AsyncClient(server.url, timeout=30)
+    assert asyncio.run(client.is_live())
+    assert asyncio.run(client.is_ready("simple"))
+    out = asyncio.run(client.infer("simple", simple_arrays()))
+    np.testing.assert_array_equal(out["OUTPUT0"], simple_arrays()["INPUT0"] + 3)
+    asyncio.run(client.close())
 
 
 # Streaming

@@ -22,7 +22,12 @@ from lockgate_client._proto import model_config_pb2 as mc
 from lockgate_client._retry import RetryPolicy, RetrySchedule
 from lockgate_client._shm import SharedOutput
 from lockgate_client._tracing import trace_metadata
-from lockgate_client.errors import LockgateError, error_from_stream_message
+from lockgate_client.errors import (
+    DeadlineExceededError,
+    LockgateError,
+    UnavailableError,
+    error_from_stream_message,
+)
 from lockgate_client.types import (
     ModelConfig,
     ModelIndex,
@@ -54,6 +59,44 @@ def _ignore(_: Any) -> None:
     return None
 
 
+#: A model version as callers give it: ``1`` or ``"1"``; ``""`` lets the server choose.
+Version = str | int
+
+
+def version_text(version: Version) -> str:
+    """The wire form of ``version`` (the protocol's field is a string)."""
+    # bool first: it is an int subclass, and True is no version.
+    if isinstance(version, bool) or not isinstance(version, str | int):
+        raise TypeError(
+            f'version must be an int or a str, e.g. 1 or "1" ("" lets the server choose), '
+            f"not {type(version).__name__}"
+        )
+    if isinstance(version, int):
+        if version < 0:
+            raise ValueError(f"version must be 0 or more, not {version}")
+        return str(version)
+    return version
+
+
+#: Errors that mean "no answer": a health check reads them as not live / not ready.
+NO_ANSWER = (UnavailableError, DeadlineExceededError)
+
+
+def answered(check: Callable[[], bool]) -> bool:
+    """``check()``, or False when the server could not be reached or did not answer."""
+    try:
+        return check()
+    except NO_ANSWER:
+        return False
+
+
+def model_name(model: str) -> str:
+    """``model``, checked: a misplaced argument fails here with a message, not in protobuf."""
+    if not isinstance(model, str):
+        raise TypeError(f"model must be the model's name (a str), not {type(model).__name__}")
+    return model
+
+
 def server_live() -> Call[bool]:
     return Call("ServerLive", pb.ServerLiveRequest(), lambda r: bool(r.live))
 
@@ -62,8 +105,8 @@ def server_ready() -> Call[bool]:
     return Call("ServerReady", pb.ServerReadyRequest(), lambda r: bool(r.ready))
 
 
-def model_ready(model: str, version: str) -> Call[bool]:
-    request = pb.ModelReadyRequest(name=model, version=version)
+def model_ready(model: str, version: Version) -> Call[bool]:
+    request = pb.ModelReadyRequest(name=model_name(model), version=version_text(version))
     return Call("ModelReady", request, lambda r: bool(r.ready))
 
 
@@ -71,18 +114,18 @@ def server_metadata() -> Call[ServerMetadata]:
     return Call("ServerMetadata", pb.ServerMetadataRequest(), lambda r: r)
 
 
-def model_metadata(model: str, version: str) -> Call[ModelMetadata]:
-    request = pb.ModelMetadataRequest(name=model, version=version)
+def model_metadata(model: str, version: Version) -> Call[ModelMetadata]:
+    request = pb.ModelMetadataRequest(name=model_name(model), version=version_text(version))
     return Call("ModelMetadata", request, lambda r: r)
 
 
-def model_config(model: str, version: str) -> Call[ModelConfig]:
-    request = pb.ModelConfigRequest(name=model, version=version)
+def model_config(model: str, version: Version) -> Call[ModelConfig]:
+    request = pb.ModelConfigRequest(name=model_name(model), version=version_text(version))
     return Call("ModelConfig", request, lambda r: r.config)
 
 
-def model_statistics(model: str, version: str) -> Call[list[ModelStatistics]]:
-    request = pb.ModelStatisticsRequest(name=model, version=version)
+def model_statistics(model: str, version: Version) -> Call[list[ModelStatistics]]:
+    request = pb.ModelStatisticsRequest(name=model_name(model), version=version_text(version))
     return Call("ModelStatistics", request, lambda r: list(r.model_stats))
 
 
@@ -128,7 +171,7 @@ def infer_request(
     inputs: Mapping[str, Any],
     *,
     outputs: RequestedOutputs | None = None,
-    version: str = "",
+    version: Version = "",
     datatypes: Mapping[str, str] | None = None,
     request_id: str = "",
     priority: int | None = None,
@@ -136,7 +179,9 @@ def infer_request(
     parameters: Mapping[str, ParameterValue] | None = None,
 ) -> pb.ModelInferRequest:
     """Build a ModelInferRequest with raw inputs (unary and streaming share it)."""
-    request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    request = pb.ModelInferRequest(
+        model_name=model_name(model), model_version=version_text(version), id=request_id
+    )
     codec.encode_inputs(request, inputs, datatypes)
     if outputs is not None:
         for name in outputs:

@@ -16,7 +16,13 @@ import grpc
 import grpc.aio
 
 from lockgate_client import _base
-from lockgate_client._base import BaseClient, Call, ParameterValue, RequestedOutputs
+from lockgate_client._base import (
+    BaseClient,
+    Call,
+    ParameterValue,
+    RequestedOutputs,
+    Version,
+)
 from lockgate_client._proto import inference_service_pb2_grpc as service
 from lockgate_client._shm import SharedMemoryRegion
 from lockgate_client.errors import DeadlineExceededError, LockgateError, error_from_rpc
@@ -51,20 +57,30 @@ class AsyncClient(BaseClient):
         # grpc.aio channels belong to the loop they are created in: wait for it.
         self._channel = None
         self._stub_instance = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def _stub(self) -> Any:
-        if self._stub_instance is None:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if self._stub_instance is None or (loop is not None and loop is not self._loop):
+            # A channel belongs to the loop that made it: a client used again
+            # under a new loop (a second asyncio.run) needs a new channel, or
+            # every call fails with "Event loop is closed".
             self._channel = self._settings.aio_channel()
             self._stub_instance = service.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+            self._loop = loop
         return self._stub_instance
 
     async def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
-        if self._channel is not None:
+        # A channel of a loop that has ended cannot be closed from this one; it is dropped.
+        if self._channel is not None and self._loop is asyncio.get_running_loop():
             await self._channel.close(None)
-            self._channel = None
-            self._stub_instance = None
+        self._channel = None
+        self._stub_instance = None
 
     async def __aenter__(self) -> AsyncClient:
         self._stub  # noqa: B018 - open the channel in the caller's loop
@@ -103,7 +119,7 @@ class AsyncClient(BaseClient):
         inputs: Mapping[str, Any],
         *,
         outputs: RequestedOutputs | None = None,
-        version: str = "",
+        version: Version = "",
         datatypes: Mapping[str, str] | None = None,
         request_id: str = "",
         priority: int | None = None,
@@ -126,24 +142,35 @@ class AsyncClient(BaseClient):
         )
         return await self._invoke(_base.infer_call(request, outputs), timeout, retries)
 
-    def stream(self, model: str, *, version: str = "", timeout: float | None = None) -> AsyncStream:
+    def stream(
+        self, model: str, *, version: Version = "", timeout: float | None = None
+    ) -> AsyncStream:
         """Open a bidirectional inference stream; see ``Client.stream``."""
+        model, version = _base.model_name(model), _base.version_text(version)
         call = self._stub.ModelStreamInfer(timeout=timeout, metadata=self._call_metadata())
         return AsyncStream(call, model, version)
 
     # Health
 
     async def is_live(self, *, timeout: float | None = None) -> bool:
-        """Whether the server is live."""
-        return await self._invoke(_base.server_live(), timeout)
+        """Whether the server is live; False when it cannot be reached (see ``Client.is_live``)."""
+        try:
+            return await self._invoke(_base.server_live(), timeout, retries=0)
+        except _base.NO_ANSWER:
+            return False
 
     async def is_ready(
-        self, model: str | None = None, version: str = "", *, timeout: float | None = None
+        self, model: str | None = None, version: Version = "", *, timeout: float | None = None
     ) -> bool:
-        """Whether the server (or, given ``model``, that model) is ready."""
-        if model is None:
-            return await self._invoke(_base.server_ready(), timeout)
-        return await self._invoke(_base.model_ready(model, version), timeout)
+        """Whether the server (or, given ``model``, that model) is ready; False when unreachable."""
+        try:
+            return await self._ready(model, version, timeout)
+        except _base.NO_ANSWER:
+            return False
+
+    async def _ready(self, model: str | None, version: Version, timeout: float | None) -> bool:
+        call = _base.server_ready() if model is None else _base.model_ready(model, version)
+        return await self._invoke(call, timeout, retries=0)
 
     async def wait_ready(self, model: str | None = None, *, timeout: float = 30.0) -> None:
         """Wait until :meth:`is_ready` is true; see ``Client.wait_ready``."""
@@ -155,7 +182,7 @@ class AsyncClient(BaseClient):
                 detail = f": last error {last}" if last else ""
                 raise DeadlineExceededError(f"not ready after {timeout} s{detail}")
             try:
-                if await self.is_ready(model, timeout=min(remaining, 5.0)):
+                if await self._ready(model, "", min(remaining, 5.0)):
                     return
             except LockgateError as exc:
                 last = exc
@@ -168,19 +195,19 @@ class AsyncClient(BaseClient):
         return await self._invoke(_base.server_metadata(), timeout)
 
     async def metadata(
-        self, model: str, version: str = "", *, timeout: float | None = None
+        self, model: str, version: Version = "", *, timeout: float | None = None
     ) -> ModelMetadata:
         """A model's versions, platform, inputs and outputs."""
         return await self._invoke(_base.model_metadata(model, version), timeout)
 
     async def config(
-        self, model: str, version: str = "", *, timeout: float | None = None
+        self, model: str, version: Version = "", *, timeout: float | None = None
     ) -> ModelConfig:
         """A model's configuration (Triton's ``ModelConfig`` message)."""
         return await self._invoke(_base.model_config(model, version), timeout)
 
     async def statistics(
-        self, model: str = "", version: str = "", *, timeout: float | None = None
+        self, model: str = "", version: Version = "", *, timeout: float | None = None
     ) -> list[ModelStatistics]:
         """Inference statistics, one entry per model version."""
         return await self._invoke(_base.model_statistics(model, version), timeout)

@@ -11,7 +11,13 @@ from typing import Any, TypeVar
 import grpc
 
 from lockgate_client import _base
-from lockgate_client._base import BaseClient, Call, ParameterValue, RequestedOutputs
+from lockgate_client._base import (
+    BaseClient,
+    Call,
+    ParameterValue,
+    RequestedOutputs,
+    Version,
+)
 from lockgate_client._proto import inference_service_pb2_grpc as service
 from lockgate_client._shm import SharedMemoryRegion
 from lockgate_client.errors import DeadlineExceededError, LockgateError, error_from_rpc
@@ -103,7 +109,7 @@ class Client(BaseClient):
         inputs: Mapping[str, Any],
         *,
         outputs: RequestedOutputs | None = None,
-        version: str = "",
+        version: Version = "",
         datatypes: Mapping[str, str] | None = None,
         request_id: str = "",
         priority: int | None = None,
@@ -153,27 +159,43 @@ class Client(BaseClient):
         )
         return self._invoke(_base.infer_call(request, outputs), timeout, retries)
 
-    def stream(self, model: str, *, version: str = "", timeout: float | None = None) -> Stream:
+    def stream(self, model: str, *, version: Version = "", timeout: float | None = None) -> Stream:
         """Open a bidirectional inference stream to ``model``.
 
         ``timeout`` bounds the whole stream's life (default: none; the client's
         default deadline does not apply to streams).
         """
-        return Stream(self._stub, model, version, timeout, self._call_metadata())
+        return Stream(
+            self._stub,
+            _base.model_name(model),
+            _base.version_text(version),
+            timeout,
+            self._call_metadata(),
+        )
 
     # Health
 
     def is_live(self, *, timeout: float | None = None) -> bool:
-        """Whether the server is live (its process is up and answering)."""
-        return self._invoke(_base.server_live(), timeout)
+        """Whether the server is live (its process is up and answering).
+
+        False, not an error, when the server cannot be reached or does not
+        answer within ``timeout``; asked once, without retries. Errors that
+        no answer would change (a rejected token, TLS) still raise.
+        """
+        return _base.answered(lambda: self._invoke(_base.server_live(), timeout, retries=0))
 
     def is_ready(
-        self, model: str | None = None, version: str = "", *, timeout: float | None = None
+        self, model: str | None = None, version: Version = "", *, timeout: float | None = None
     ) -> bool:
-        """Whether the server (or, given ``model``, that model) is ready for inference."""
-        if model is None:
-            return self._invoke(_base.server_ready(), timeout)
-        return self._invoke(_base.model_ready(model, version), timeout)
+        """Whether the server (or, given ``model``, that model) is ready for inference.
+
+        False when the server cannot be reached, as for :meth:`is_live`.
+        """
+        return _base.answered(lambda: self._ready(model, version, timeout))
+
+    def _ready(self, model: str | None, version: Version, timeout: float | None) -> bool:
+        call = _base.server_ready() if model is None else _base.model_ready(model, version)
+        return self._invoke(call, timeout, retries=0)
 
     def wait_ready(self, model: str | None = None, *, timeout: float = 30.0) -> None:
         """Block until :meth:`is_ready` is true; raise DeadlineExceededError after ``timeout``.
@@ -188,7 +210,7 @@ class Client(BaseClient):
                 detail = f": last error {last}" if last else ""
                 raise DeadlineExceededError(f"not ready after {timeout} s{detail}")
             try:
-                if self.is_ready(model, timeout=min(remaining, 5.0)):
+                if self._ready(model, "", min(remaining, 5.0)):
                     return
             except LockgateError as exc:
                 last = exc
@@ -201,17 +223,19 @@ class Client(BaseClient):
         return self._invoke(_base.server_metadata(), timeout)
 
     def metadata(
-        self, model: str, version: str = "", *, timeout: float | None = None
+        self, model: str, version: Version = "", *, timeout: float | None = None
     ) -> ModelMetadata:
         """A model's versions, platform, and input/output names, datatypes and shapes."""
         return self._invoke(_base.model_metadata(model, version), timeout)
 
-    def config(self, model: str, version: str = "", *, timeout: float | None = None) -> ModelConfig:
+    def config(
+        self, model: str, version: Version = "", *, timeout: float | None = None
+    ) -> ModelConfig:
         """A model's configuration (Triton's ``ModelConfig`` message)."""
         return self._invoke(_base.model_config(model, version), timeout)
 
     def statistics(
-        self, model: str = "", version: str = "", *, timeout: float | None = None
+        self, model: str = "", version: Version = "", *, timeout: float | None = None
     ) -> list[ModelStatistics]:
         """Inference statistics, one entry per model version ("" model: every model)."""
         return self._invoke(_base.model_statistics(model, version), timeout)

@@ -109,6 +109,11 @@ def encode_inputs(
     datatypes: Mapping[str, str] | None = None,
 ) -> None:
     """Append ``inputs`` to ``request`` as raw input tensors."""
+    if not isinstance(inputs, Mapping):
+        raise TypeError(
+            "inputs must map each input's name to its array, e.g. "
+            f'{{"INPUT0": array}}, not a {type(inputs).__name__}'
+        )
     overrides = datatypes or {}
     unknown = set(overrides) - set(inputs)
     if unknown:
@@ -117,7 +122,12 @@ def encode_inputs(
         if isinstance(value, SharedTensor):
             _add_shared_input(request, name, value, overrides.get(name))
             continue
-        datatype, shape, raw = encode_tensor(value, overrides.get(name))
+        if not isinstance(name, str):
+            raise TypeError(f"input names must be str, not {type(name).__name__} ({name!r})")
+        try:
+            datatype, shape, raw = encode_tensor(value, overrides.get(name))
+        except TypeError as exc:
+            raise TypeError(f"input {name!r}: {exc}") from None
         request.inputs.add(name=name, datatype=datatype, shape=shape)
         request.raw_input_contents.append(raw)
 
