@@ -325,6 +325,8 @@ def test_explicit_model_control(
         config = client.get_model_config("simple").config
         assert config.max_batch_size == 4
         assert [i.name for i in config.input] == ["INPUT0", "INPUT1"]
+        # Replaced, not merged: config.pbtxt's dynamic_batching is gone (docs say so).
+        assert not config.HasField("dynamic_batching")
         error = status_of(lambda: client.infer("simple", simple_inputs(rows=5)))
         assert error.status() == "StatusCode.INVALID_ARGUMENT"
         assert "max_batch_size (4)" in (error.message() or "")

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from onnx import helper
 from support import ServerProcess, free_port, simple_arrays
 
 from lockgate_client import (
@@ -37,6 +38,7 @@ from lockgate_client import (
 )
 from lockgate_client._tracing import trace_metadata
 from lockgate_client.datatypes import WIRE_DTYPES
+from models.build import Tensor, write_single
 
 StartServer = Callable[..., ServerProcess]
 
@@ -649,6 +651,50 @@ def test_cli_infer(
 
     assert run_cli("infer", "no_such_model", "--url", server.url, "--input", "X=[1]") != 0
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_cli_infer_fits_values_to_the_model(
+    server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """np.save's float64 ones go to INT32 inputs; leading dims of 1 are added too."""
+    np.save(tmp_path / "ones.npy", np.ones((1, 16)))  # float64, as np.save writes by default
+    code = run_cli(
+        *("infer", "simple", "--url", server.url),
+        *("--input", f"INPUT0={json.dumps(list(range(16)))}"),
+        *("--input", f"INPUT1={tmp_path / 'ones.npy'}"),
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "[[ 1  2  3" in out
+
+    np.save(tmp_path / "halves.npy", np.full((1, 16), 0.5))
+    code = run_cli(
+        *("infer", "simple", "--url", server.url),
+        *("--input", f"INPUT0={tmp_path / 'halves.npy'}", "--input", f"INPUT1={[1] * 16}"),
+    )
+    assert code != 0
+    assert "--input INPUT0: INT32 needs whole numbers" in capsys.readouterr().err
+
+    # nobatch: dims [2, 3] and no batch dimension: values must have that shape.
+    code = run_cli("infer", "nobatch", "--url", server.url, "--input", "INPUT0=[[1,2,3],[4,5,6]]")
+    assert code == 0
+    assert "[[ 2.  4.  6.]" in capsys.readouterr().out
+
+
+def test_cli_infer_adds_leading_ones(
+    start_server: StartServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plain 4-element list for a model whose input dims are [1, 4]."""
+    repo = tmp_path / "repo"
+    row = [Tensor("INPUT0", "TYPE_INT32", (1, 4))]
+    out = [Tensor("OUTPUT0", "TYPE_INT32", (1, 4))]
+    nodes = [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])]
+    write_single(repo, "row", nodes, row, out, max_batch_size=0, dynamic_batching=None)
+    server = start_server(repo)
+    code = run_cli("infer", "row", "--url", server.url, "--input", "INPUT0=[1,2,3,4]")
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "OUTPUT0  INT32  [1, 4]" in printed.out
 
 
 def test_cli_models_and_stats(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:

@@ -191,14 +191,35 @@ def _parse_inputs(
         array = _load_value(value)
         tensor = known.get(name)
         if tensor is not None:
-            # Fit the array to the model: its datatype, and its batch dimension.
             datatypes[name] = tensor.datatype
-            if tensor.datatype == "BYTES" and array.dtype.kind not in "OSU":
-                array = array.astype(str)
-            if array.ndim == len(tensor.shape) - 1 and tensor.shape and tensor.shape[0] == -1:
-                array = array[np.newaxis, ...]
+            array = _fit(name, array, tensor.datatype, list(tensor.shape))
         inputs[name] = array
     return inputs, datatypes
+
+
+def _fit(name: str, array: npt.NDArray[Any], datatype: str, shape: list[int]) -> npt.NDArray[Any]:
+    """Fit a value to the model's input: its datatype, and leading dimensions left out.
+
+    Whole-valued floats become integers (``np.save(np.ones(...))`` writes
+    float64); any other value that the cast would change is refused.
+    """
+    if datatype == "BYTES" and array.dtype.kind not in "OSU":
+        array = array.astype(str)
+    wire = WIRE_DTYPES[datatype] if datatype.startswith(("INT", "UINT")) else None
+    if wire is not None and array.dtype.kind == "f":
+        info = np.iinfo(wire.type)  # type: ignore[type-var]
+        whole = np.isfinite(array) & (array == np.round(array))
+        if not whole.all() or (array.size and (array.min() < info.min or array.max() > info.max)):
+            raise ValueError(
+                f"--input {name}: {datatype} needs whole numbers from {info.min} to "
+                f"{info.max}; the {array.dtype} values given are not"
+            )
+        array = array.astype(wire)
+    # The batch dimension (-1) and fixed leading 1s, e.g. [4] for dims [1, 4].
+    missing = len(shape) - array.ndim
+    if missing > 0 and all(d in (-1, 1) for d in shape[:missing]):
+        array = array.reshape((1,) * missing + array.shape)
+    return array
 
 
 def _load_value(value: str) -> npt.NDArray[Any]:
