@@ -431,7 +431,7 @@ def test_retries_stay_within_the_deadline(
     async def async_twin() -> None:
         async with AsyncClient(url, retries=1_000) as ac:
             with pytest.raises((UnavailableError, DeadlineExceededError)):
-                await ac.is_ready(timeout=1.0)
+                await ac.metadata("simple", timeout=1.0)
 
     started = time.monotonic()
     asyncio.run(async_twin())
@@ -544,13 +544,13 @@ def test_tls(start_server: StartServer, small_repository: Path, certificates: Pa
     with Client(f"localhost:{srv.grpc_port}", tls=str(certificates / "ca.pem"), timeout=10) as c:
         assert c.is_ready("simple")
     with Client(srv.url, timeout=5, retries=0) as plain, pytest.raises(UnavailableError):
-        plain.is_live()
+        plain.server_metadata()
     # The system's roots do not trust our test CA.
     with (
         Client(srv.url, tls=True, timeout=5, retries=0) as untrusted,
         pytest.raises(UnavailableError),
     ):
-        untrusted.is_live()
+        untrusted.server_metadata()
 
 
 def test_mtls(start_server: StartServer, small_repository: Path, certificates: Path) -> None:
@@ -574,7 +574,7 @@ def test_mtls(start_server: StartServer, small_repository: Path, certificates: P
         assert c.infer("simple", simple_arrays())["OUTPUT0"].shape == (1, 16)
     anonymous = Client(srv.url, tls=certificates / "ca.pem", timeout=5, retries=0)
     with anonymous, pytest.raises(UnavailableError):
-        anonymous.is_live()
+        anonymous.server_metadata()
     with pytest.raises(ValueError):
         Client(srv.url, tls=certificates / "ca.pem", client_cert=certificates / "client.pem")
 

@@ -178,9 +178,10 @@ class Client(BaseClient):
     def is_live(self, *, timeout: float | None = None) -> bool:
         """Whether the server is live (its process is up and answering).
 
-        False, not an error, when the server cannot be reached or does not
-        answer within ``timeout``; asked once, without retries. Errors that
-        no answer would change (a rejected token, TLS) still raise.
+        False, not an error, when the server cannot be reached (refused, no
+        route, a failed TLS handshake) or does not answer within ``timeout``;
+        asked once, without retries. A call the server answers with an error
+        (a rejected token...) still raises.
         """
         return _base.answered(lambda: self._invoke(_base.server_live(), timeout, retries=0))
 
