@@ -188,6 +188,31 @@ def test_tls_with_a_test_ca(
         assert code_of(lambda: infer(untrusted))[0] == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.parametrize("level, quiet", [("warning", True), ("debug", False)])
+def test_grpc_core_logs_follow_the_log_level(
+    start_server: StartServer, repository: Path, certificates: Path, level: str, quiet: bool
+) -> None:
+    """Plaintext attempts on a TLS port: gRPC core's handshake lines only at debug."""
+    srv = start_server(
+        repository,
+        *("--tls-cert", str(certificates / "server.pem")),
+        *("--tls-key", str(certificates / "server.key")),
+        *("--log-level", level),
+        wait=False,
+    )
+    wait_serving(srv, grpc.ssl_channel_credentials((certificates / "ca.pem").read_bytes()))
+    for _ in range(5):
+        with (
+            grpc.insecure_channel(srv.url) as plaintext,
+            pytest.raises(grpc.FutureTimeoutError),
+        ):
+            grpc.channel_ready_future(plaintext).result(timeout=0.5)
+    with tls_channel(srv, certificates / "ca.pem") as channel:
+        assert infer(channel).model_name == "simple"  # the handshakes were attempted
+    srv.stop()
+    assert ("Handshake failed" not in srv.log()) is quiet
+
+
 def test_mtls_needs_a_client_certificate(
     start_server: StartServer, repository: Path, certificates: Path
 ) -> None:
