@@ -57,6 +57,8 @@ def run_serve(args: argparse.Namespace) -> int:
         # One line, no traceback: the operator fixes a flag or a variable.
         print(f"lockgate serve: {exc}", file=sys.stderr)
         return 2
+    if config.frontends > 1:
+        return _run_supervisor(config)
     configure_logging(config.log_level, config.log_format)
     from lockgate.allocator import tune_malloc
 
@@ -84,6 +86,16 @@ def run_serve(args: argparse.Namespace) -> int:
         log.error("%s", exc.message)
         return 1
     return 0
+
+
+def _run_supervisor(config: ServerConfig) -> int:
+    if config.grpc_port == 0:
+        print("lockgate serve: --frontends above 1 needs a fixed --grpc-port", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_format, role="supervisor")
+    from lockgate.supervisor import Supervisor
+
+    return Supervisor(config, config.frontends).run()
 
 
 def _loop_factory() -> Any:

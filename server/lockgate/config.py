@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,21 @@ def _message_bytes(text: str) -> int:
 
 def _buckets(text: str) -> tuple[float, ...]:
     return parse_buckets(text)
+
+
+def _frontends(text: str) -> int:
+    """``--frontends``: a count, or ``auto``: one per two usable cores, at most 8.
+
+    Two cores per front end: measured on 2 cores, one front end per core
+    leaves the engine too little to batch with (see docs/operations.md).
+    """
+    if text.strip().lower() == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        return max(1, min(8, cores // 2))
+    count = int(text)
+    if count < 1:
+        raise ValueError("expected a number of front ends from 1, or 'auto'")
+    return count
 
 
 @dataclass
@@ -163,6 +179,14 @@ class ServerConfig:
         "regions they register (Triton's system shared-memory extension); off: refuse",
         "network",
         choices=("system", "off"),
+    )
+    frontends: int = setting(
+        1,
+        "gRPC front-end processes sharing the port, feeding one engine process that "
+        "batches for all (1: a single process, no IPC; auto: one per two cores, up to 8)",
+        "network",
+        _frontends,
+        metavar="N|auto",
     )
     # --- limits
     max_message_bytes: int = setting(

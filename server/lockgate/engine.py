@@ -10,7 +10,11 @@ protocol over IPC, and the servicer never asks which kind it has.
 The hot path uses ``model(name, version)`` and then the returned
 ``ServedModel``: its tensor specs and limits to decode and encode, ``infer``
 to run. Everything a front end needs per model is fixed when the version
-loads, so a remote implementation can cache it per version.
+loads, so a remote implementation caches it per version
+(``lockgate.remote_engine``, for ``--frontends N``): ``model`` answers from
+that cache and returns None on a miss, which ``lookup`` then settles by
+asking the engine process; the other questions are coroutines for the same
+reason.
 """
 
 from __future__ import annotations
@@ -20,14 +24,13 @@ from typing import Protocol
 
 from lockgate.codec import Limits, TensorSpec
 from lockgate.errors import ModelNotFoundError, ModelUnavailableError
-from lockgate.model import ModelState
 from lockgate.repository import ModelRepository
 from lockgate.request import InferRequest, Outputs
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import model_config_pb2 as mc
 
 #: (name, version, state, reason): one RepositoryIndex row.
-IndexRow = tuple[str, str, ModelState, str]
+IndexRow = tuple[str, str, str, str]
 
 
 class ServedModel(Protocol):
@@ -53,30 +56,44 @@ class ServedModel(Protocol):
         ...
 
     def record_failure(self, reason: str, duration_ns: int) -> None:
-        """Count a request the front end refused before it reached the model."""
+        """Count a request the front end refused before it reached the model.
+
+        Thread-safe: large requests are decoded in a worker thread.
+        """
+        ...
+
+    def release(self, outputs: Outputs) -> None:
+        """``outputs`` are encoded: memory they view may be reused."""
         ...
 
 
 class Engine(Protocol):
     """What the servicer needs of the model layer. Errors are ``LockgateError``s."""
 
-    def model(self, name: str, version: str = "") -> ServedModel:
-        """The ready version a request for ``name`` (and ``version``) should use."""
+    def model(self, name: str, version: str = "") -> ServedModel | None:
+        """The ready version a request for ``name`` (and ``version``) should use.
+
+        None when this engine cannot tell without asking: call ``lookup``.
+        """
         ...
 
-    def model_ready(self, name: str, version: str = "") -> bool:
+    async def lookup(self, name: str, version: str = "") -> ServedModel:
+        """Like ``model``, settled: the version, or the typed error of the miss."""
+        ...
+
+    async def model_ready(self, name: str, version: str = "") -> bool:
         """Whether that version is ready; a malformed version raises InvalidInputError."""
         ...
 
-    def metadata(self, name: str, version: str = "") -> pb.ModelMetadataResponse: ...
+    async def metadata(self, name: str, version: str = "") -> pb.ModelMetadataResponse: ...
 
-    def model_config(self, name: str, version: str = "") -> mc.ModelConfig: ...
+    async def model_config(self, name: str, version: str = "") -> mc.ModelConfig: ...
 
-    def statistics(self, name: str = "", version: str = "") -> list[pb.ModelStatistics]:
+    async def statistics(self, name: str = "", version: str = "") -> list[pb.ModelStatistics]:
         """Statistics of one version, of every ready version of ``name``, or of all."""
         ...
 
-    def index(self, ready_only: bool = False) -> list[IndexRow]: ...
+    async def index(self, ready_only: bool = False) -> list[IndexRow]: ...
 
     async def load(
         self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None
@@ -101,7 +118,10 @@ class LocalEngine:
     def model(self, name: str, version: str = "") -> ServedModel:
         return self._repository.get(name, version)
 
-    def model_ready(self, name: str, version: str = "") -> bool:
+    async def lookup(self, name: str, version: str = "") -> ServedModel:
+        return self._repository.get(name, version)
+
+    async def model_ready(self, name: str, version: str = "") -> bool:
         # Missing or not ready is an answer (ready=false), as in Triton; a
         # malformed version is the caller's mistake and raises.
         try:
@@ -110,7 +130,7 @@ class LocalEngine:
             return False
         return True
 
-    def metadata(self, name: str, version: str = "") -> pb.ModelMetadataResponse:
+    async def metadata(self, name: str, version: str = "") -> pb.ModelMetadataResponse:
         model = self._repository.get(name, version)
         response = model.metadata()
         if not version:
@@ -120,10 +140,10 @@ class LocalEngine:
             )
         return response
 
-    def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
+    async def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
         return self._repository.get(name, version).config
 
-    def statistics(self, name: str = "", version: str = "") -> list[pb.ModelStatistics]:
+    async def statistics(self, name: str = "", version: str = "") -> list[pb.ModelStatistics]:
         if name and version:
             models = [self._repository.get(name, version)]
         elif name:
@@ -133,8 +153,9 @@ class LocalEngine:
             models = self._repository.ready_models()
         return [m.stats.to_proto() for m in models]
 
-    def index(self, ready_only: bool = False) -> list[IndexRow]:
-        return self._repository.index(ready_only)
+    async def index(self, ready_only: bool = False) -> list[IndexRow]:
+        # States as their names: what crosses the hop, and what the wire takes.
+        return [(n, v, str(s), r) for n, v, s, r in self._repository.index(ready_only)]
 
     async def load(
         self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None

@@ -80,8 +80,8 @@ def load_version(
         duration_buckets=server.duration_buckets,
         batch_buckets=server.batch_size_buckets,
     )
-    inputs = _specs(list(config.input))
-    outputs = _specs(list(config.output))
+    inputs = tensor_specs(list(config.input))
+    outputs = tensor_specs(list(config.output))
     model = ModelVersion(
         name=config.name,
         version=str(version),
@@ -139,8 +139,8 @@ def load_ensemble(
         duration_buckets=server.duration_buckets,
         batch_buckets=server.batch_size_buckets,
     )
-    inputs = _specs(list(config.input))
-    outputs = _specs(list(config.output))
+    inputs = tensor_specs(list(config.input))
+    outputs = tensor_specs(list(config.output))
     output_order = [o.name for o in config.output]
     model = ModelVersion(
         name=config.name,
@@ -230,7 +230,8 @@ def _check_batch_dims(config: mc.ModelConfig, runner: Runner) -> None:
             )
 
 
-def _specs(tensors: list[mc.ModelInput] | list[mc.ModelOutput]) -> dict[str, TensorSpec]:
+def tensor_specs(tensors: list[mc.ModelInput] | list[mc.ModelOutput]) -> dict[str, TensorSpec]:
+    """The hot path's view of a config's inputs or outputs (front ends build theirs too)."""
     return {
         t.name: TensorSpec(
             name=t.name,

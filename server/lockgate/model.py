@@ -106,28 +106,42 @@ class ModelVersion:
         """Count a request that failed before reaching the scheduler (a bad input)."""
         self.stats.record_failure(reason, duration_ns)
 
+    def release(self, outputs: Outputs) -> None:
+        pass  # arrays of this process: the garbage collector has them
+
     def metadata(self) -> pb.ModelMetadataResponse:
-        batch = (-1,) if self.config.max_batch_size > 0 else ()
-        return pb.ModelMetadataResponse(
-            name=self.name,
-            versions=[self.version],
-            platform=self.config.platform,
-            inputs=[
-                pb.ModelMetadataResponse.TensorMetadata(
-                    name=s.name, datatype=s.datatype, shape=batch + s.dims
-                )
-                for s in self.inputs.values()
-            ],
-            outputs=[
-                pb.ModelMetadataResponse.TensorMetadata(
-                    name=s.name, datatype=s.datatype, shape=batch + s.dims
-                )
-                for s in self.outputs.values()
-            ],
-        )
+        return model_metadata(self.name, self.version, self.config, self.inputs, self.outputs)
 
     async def drain(self) -> None:
         await self.scheduler.wait_idle()
 
     def close(self) -> None:
         self.scheduler.close()
+
+
+def model_metadata(
+    name: str,
+    version: str,
+    config: mc.ModelConfig,
+    inputs: dict[str, TensorSpec],
+    outputs: dict[str, TensorSpec],
+) -> pb.ModelMetadataResponse:
+    """ModelMetadata's answer for one version (batching models get a -1 first dim)."""
+    batch = (-1,) if config.max_batch_size > 0 else ()
+    return pb.ModelMetadataResponse(
+        name=name,
+        versions=[version],
+        platform=config.platform,
+        inputs=[
+            pb.ModelMetadataResponse.TensorMetadata(
+                name=s.name, datatype=s.datatype, shape=batch + s.dims
+            )
+            for s in inputs.values()
+        ],
+        outputs=[
+            pb.ModelMetadataResponse.TensorMetadata(
+                name=s.name, datatype=s.datatype, shape=batch + s.dims
+            )
+            for s in outputs.values()
+        ],
+    )

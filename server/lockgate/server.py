@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from lockgate import tracing
 from lockgate.config import ServerConfig
-from lockgate.engine import LocalEngine
+from lockgate.engine import Engine, LocalEngine
 from lockgate.errors import LockgateError
 from lockgate.health import HealthServicer, add_health_to_server
 from lockgate.lifecycle import Lifecycle
@@ -45,12 +45,14 @@ INFERENCE_SERVICE = "inference.GRPCInferenceService"
 RUNNING_BATCH_GRACE_S = 5.0
 
 
-def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
+def grpc_options(config: ServerConfig, reuseport: bool = False) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
-        ("grpc.so_reuseport", 0),
+        # Only front ends (--frontends N) share their port; a lone server must
+        # not share it by accident with another process listening there.
+        ("grpc.so_reuseport", int(reuseport)),
         # Clients may ping as often as every 10 s without being disconnected.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -98,8 +100,43 @@ def check_port_free(host: str, port: int, purpose: str, flag: str) -> None:
                 ) from None
 
 
+def check_ports(config: ServerConfig) -> None:
+    """Both ports, before listening on either.
+
+    gRPC would log its own error line and raise a RuntimeError naming neither
+    the port's use nor the flag.
+    """
+    check_port_free(config.host, config.grpc_port, "gRPC", "--grpc-port")
+    if config.metrics:
+        check_port_free(config.host, config.metrics_port, "metrics", "--metrics-port")
+
+
+def serve_metrics(config: ServerConfig, repository: ModelRepository) -> Any:
+    """Start /metrics (if on) for ``repository``; the HTTP server, for shutdown."""
+    if not config.metrics:
+        return None
+    from lockgate.metrics import start_metrics_server
+
+    try:
+        return start_metrics_server(config, repository)
+    except OSError as exc:
+        raise ListenError(
+            f"cannot serve metrics on {config.host}:{config.metrics_port}: "
+            f"{exc.strerror or exc}; change --metrics-port (or --no-metrics)"
+        ) from None
+
+
 class LockgateServer:
-    """One Lockgate process: gRPC services, model repository, metrics."""
+    """One Lockgate process: gRPC services, model repository, metrics.
+
+    A front-end process (``--frontends N``) runs a ``FrontendServer``, which
+    overrides the methods under "the engine's side" below.
+    """
+
+    #: Signals that drain the server (a front end leaves SIGINT to its supervisor).
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)
+    #: Front ends share their port (SO_REUSEPORT).
+    reuseport = False
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -107,10 +144,8 @@ class LockgateServer:
         self.lifecycle = Lifecycle()
         #: None when tracing is off; given to the servicer and every version's scheduler.
         self.tracer = tracing.setup(config)
-        observer = self.tracer.observe_batch if self.tracer is not None else None
-        self.repository = ModelRepository(config, self.lifecycle, observer)
-        #: The servicer's one way to the models (in-process here).
-        self.engine = LocalEngine(self.repository, on_change=self.update_health)
+        #: The servicer's one way to the models.
+        self.engine = self._make_engine()
         #: Client regions; owned here so they are unmapped at shutdown, never on unload.
         self.shared_memory = SharedMemoryRegistry() if config.shared_memory == "system" else None
         self.health = HealthServicer(config.max_health_watches)
@@ -131,24 +166,19 @@ class LockgateServer:
         ``serve`` then stops it at once.
         """
         self._stopping = asyncio.Event()
-        # Before binding: a missing path, or two models under one name, is a
-        # mistake to fix, not to serve around.
-        self.repository.check_locations()
-        self.repository.check_names()
+        self._check_repository()
         # Before anything slow: a pod scaled down while it loads gets SIGTERM
         # now, and the default handler would kill it mid-load (status -15).
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self.signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
-        # Both ports before listening on either: gRPC would log its own error
-        # line and raise a RuntimeError naming neither the port's use nor the flag.
-        check_port_free(self.config.host, self.config.grpc_port, "gRPC", "--grpc-port")
-        if self.config.metrics:
-            check_port_free(self.config.host, self.config.metrics_port, "metrics", "--metrics-port")
+        self._check_ports()
         from lockgate.security import auth_interceptors
 
         interceptors = auth_interceptors(self.config)
-        server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
+        server = grpc.aio.server(
+            options=grpc_options(self.config, self.reuseport), interceptors=interceptors
+        )
         servicer = Servicer(
             self.engine, self.lifecycle, self.config, self.tracer, self.shared_memory
         )
@@ -165,24 +195,9 @@ class LockgateServer:
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         log.info("gRPC listening on %s:%d", self.config.host, self.grpc_port)
-        if self.config.metrics:
-            from lockgate.metrics import start_metrics_server
-
-            try:
-                self._metrics_server = start_metrics_server(self.config, self.repository)
-            except OSError as exc:
-                raise ListenError(
-                    f"cannot serve metrics on {self.config.host}:{self.config.metrics_port}: "
-                    f"{exc.strerror or exc}; change --metrics-port (or --no-metrics)"
-                ) from None
-        await self._load_models()
+        await self._start_engine()
         if self._stopping.is_set():
             return
-        if self.config.model_control_mode == "poll":
-            self._poller = RepositoryPoller(
-                self.repository, self.config.repository_poll_secs, self.update_health
-            )
-            self._poller.start()
         # Before the await: a signal from now on finds a started server to drain.
         self._started = True
         await self.update_health()
@@ -210,6 +225,49 @@ class LockgateServer:
         from lockgate_client._proto import inference_service_pb2
 
         del inference_service_pb2
+
+    # --- the engine's side (a front end overrides these) ------------------------------
+
+    def _make_engine(self) -> Engine:
+        observer = self.tracer.observe_batch if self.tracer is not None else None
+        self.repository = ModelRepository(self.config, self.lifecycle, observer)
+        return LocalEngine(self.repository, on_change=self.update_health)
+
+    def _check_ports(self) -> None:
+        check_ports(self.config)
+
+    def _check_repository(self) -> None:
+        # Before binding: a missing path, or two models under one name, is a
+        # mistake to fix, not to serve around.
+        self.repository.check_locations()
+        self.repository.check_names()
+
+    async def _start_engine(self) -> None:
+        """Metrics, the startup loads, then the poller."""
+        self._metrics_server = serve_metrics(self.config, self.repository)
+        await self._load_models()
+        assert self._stopping is not None
+        if self.config.model_control_mode == "poll" and not self._stopping.is_set():
+            self._poller = RepositoryPoller(
+                self.repository, self.config.repository_poll_secs, self.update_health
+            )
+            self._poller.start()
+
+    def _readiness(self) -> tuple[bool, dict[str, bool]]:
+        """Whether every model is ready (strict readiness), and which models are."""
+        ready_names = {m.name for m in self.repository.ready_models()}
+        models = {name: name in ready_names for name in self.repository.names()}
+        return self.repository.all_ready(), models
+
+    async def _drain_engine(self) -> None:
+        """Until every accepted request is answered."""
+        await self.repository.drain()
+
+    def _close_engine(self) -> None:
+        self.repository.close()
+
+    def _loaded_count(self) -> int:
+        return len(self.repository.ready_models())
 
     async def _load_models(self) -> None:
         """Load the startup models, unless a signal comes first."""
@@ -255,17 +313,15 @@ class LockgateServer:
 
     async def update_health(self) -> None:
         """Publish readiness: server-wide and per model (service = model name)."""
-        ready = not self.lifecycle.draining and (
-            self.repository.all_ready() or not self.config.strict_readiness
-        )
+        all_ready, models = self._readiness()
+        ready = not self.lifecycle.draining and (all_ready or not self.config.strict_readiness)
         self.lifecycle.ready = ready
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set("", serving if ready else not_serving)
         await self.health.set(INFERENCE_SERVICE, serving if ready else not_serving)
-        ready_names = {m.name for m in self.repository.ready_models()}
-        for name in self.repository.names():
-            model_ok = name in ready_names and not self.lifecycle.draining
+        for name, model_ready in models.items():
+            model_ok = model_ready and not self.lifecycle.draining
             await self.health.set(name, serving if model_ok else not_serving)
 
     async def serve(self) -> None:
@@ -313,7 +369,7 @@ class LockgateServer:
         # may have been accepted.)
         left = self.config.drain_seconds - (time.monotonic() - started)
         try:
-            await asyncio.wait_for(self.repository.drain(), max(0.0, left))
+            await asyncio.wait_for(self._drain_engine(), max(0.0, left))
         except TimeoutError:
             # Set before the gRPC server cancels them: their failures are then
             # reported as the server's doing, not their callers'.
@@ -323,14 +379,14 @@ class LockgateServer:
             # Stops listening (GOAWAY); replies being written get what is left.
             left = self.config.drain_seconds - (time.monotonic() - started)
             await self._server.stop(grace=max(0.0, left))
-        self.repository.close()
+        self._close_engine()
         if self.shared_memory is not None:
             # Requests still running keep theirs mapped until they finish.
             self.shared_memory.close()
         # A running batch cannot be interrupted, and exiting under it makes ONNX
         # Runtime abort the process (SIGABRT): let it finish, within bounds.
         try:
-            await asyncio.wait_for(self.repository.drain(), RUNNING_BATCH_GRACE_S)
+            await asyncio.wait_for(self._drain_engine(), RUNNING_BATCH_GRACE_S)
             stuck = False
         except TimeoutError:
             stuck = True
@@ -344,7 +400,7 @@ class LockgateServer:
             log.info(
                 "stopped during startup in %.2f s, with %d model version(s) loaded",
                 time.monotonic() - started,
-                len(self.repository.ready_models()),
+                self._loaded_count(),
             )
         if stuck:
             log.warning("a batch is still running: exiting without waiting for it")

@@ -33,7 +33,7 @@ from lockgate.errors import (
     clip,
 )
 from lockgate.lifecycle import Lifecycle
-from lockgate.request import InferRequest
+from lockgate.request import InferRequest, Outputs
 from lockgate.shm import Lease, Placement, SharedMemoryRegistry
 from lockgate.tracing import RequestTrace, Tracer
 from lockgate_client._proto import grpc_service_pb2 as pb
@@ -124,7 +124,7 @@ class Servicer(service.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> Any:
         # A model that is missing or not ready is an answer (ready=false), as in
         # Triton; a malformed version is the caller's mistake (INVALID_ARGUMENT).
-        ready = self._engine.model_ready(request.name, request.version)
+        ready = await self._engine.model_ready(request.name, request.version)
         return pb.ModelReadyResponse(ready=ready and not self._lifecycle.draining)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> Any:
@@ -134,16 +134,16 @@ class Servicer(service.GRPCInferenceServiceServicer):
 
     @_status
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> Any:
-        return self._engine.metadata(request.name, request.version)
+        return await self._engine.metadata(request.name, request.version)
 
     @_status
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> Any:
-        config = self._engine.model_config(request.name, request.version)
+        config = await self._engine.model_config(request.name, request.version)
         return pb.ModelConfigResponse(config=config)
 
     @_status
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> Any:
-        stats = self._engine.statistics(request.name, request.version)
+        stats = await self._engine.statistics(request.name, request.version)
         return pb.ModelStatisticsResponse(model_stats=stats)
 
     # --- inference ----------------------------------------------------------------
@@ -160,7 +160,10 @@ class Servicer(service.GRPCInferenceServiceServicer):
             raise ModelUnavailableError("the server is shutting down; retry on another replica")
         start = time.monotonic_ns()
         try:
-            model = self._engine.model(request.model_name, request.model_version)
+            engine = self._engine
+            model = engine.model(request.model_name, request.model_version)
+            if model is None:  # not in a front end's cache: the engine process decides
+                model = await engine.lookup(request.model_name, request.model_version)
             if _heavy_request(request, model):
                 # Seconds of work for a large request: in a thread, so that
                 # nobody else's request (nor a health check) waits behind it.
@@ -169,6 +172,7 @@ class Servicer(service.GRPCInferenceServiceServicer):
                 )
             else:
                 decoded = _decode(model, request, start, self._shared_memory)
+            outputs: Outputs | None = None
             try:
                 decoded.deadline = deadline
                 if trace is not None:
@@ -188,6 +192,8 @@ class Servicer(service.GRPCInferenceServiceServicer):
                     return await asyncio.to_thread(encode)
                 return encode()
             finally:
+                if outputs is not None:
+                    model.release(outputs)
                 if decoded.lease is not None:
                     # Views first: an unregistered region unmaps with its last lease.
                     decoded.inputs = {}
@@ -288,9 +294,9 @@ class Servicer(service.GRPCInferenceServiceServicer):
         return pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(
-                    name=name, version=version, state=state.value, reason=reason
+                    name=name, version=version, state=state, reason=reason
                 )
-                for name, version, state, reason in self._engine.index(request.ready)
+                for name, version, state, reason in await self._engine.index(request.ready)
             ]
         )
 

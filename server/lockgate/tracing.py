@@ -66,6 +66,16 @@ class RequestTrace:
         self.request = request
         request.trace = self
 
+    def parent_ids(self) -> tuple[bytes, int, int] | None:
+        """(trace id, span id, flags) to carry across the hop to the engine, if sampled.
+
+        The trace id is 128 bits, more than msgpack's integers hold: it travels as bytes.
+        """
+        context = self.span.get_span_context()
+        if not context.trace_flags.sampled:
+            return None
+        return context.trace_id.to_bytes(16, "big"), context.span_id, int(context.trace_flags)
+
 
 Infer = Callable[["pb.ModelInferRequest", float | None, RequestTrace | None], Awaitable[Any]]
 
@@ -109,6 +119,16 @@ class Tracer:
             _execute_span(self._otel, stats, batch, error)
         except Exception:  # tracing must never keep results from their callers
             log.exception("cannot record the execute span of a %s batch", stats.name)
+
+    def remote_parent(self, ids: tuple[bytes, int, int]) -> RequestTrace:
+        """In the engine process: a front end's server span, parent of the engine's spans."""
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+        trace_id, span_id, flags = ids
+        context = SpanContext(
+            int.from_bytes(trace_id, "big"), span_id, is_remote=True, trace_flags=TraceFlags(flags)
+        )
+        return RequestTrace(NonRecordingSpan(context))
 
     def shutdown(self) -> None:
         """Flush the spans still buffered."""
@@ -279,7 +299,9 @@ def _execute_span(
     otel: _Otel, stats: ModelStats, batch: list[InferRequest], error: BaseException | None
 ) -> None:
     traces = [r.trace for r in batch if isinstance(r.trace, RequestTrace)]
-    recording = [t for t in traces if t.span.is_recording()]
+    # Sampled rather than recording: in the engine process the server span is
+    # a front end's, known here by its context only.
+    recording = [t for t in traces if t.span.get_span_context().trace_flags.sampled]
     if not recording:
         return
     offset = time.time_ns() - time.monotonic_ns()

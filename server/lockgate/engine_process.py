@@ -1,0 +1,435 @@
+"""The engine process (``--frontends N``): models, schedulers and sessions for every front end.
+
+One busy loop: it reads frames of messages from the front ends (ZeroMQ
+ROUTER), turns each ``Infer`` into an ``InferRequest`` whose arrays are numpy
+views of the sender's inputs slab, and submits it to the same
+``ModelVersion.infer`` a single-process server uses, so one scheduler per
+model batches requests from every front end together. Outputs go into the
+sender's outputs slab; what one loop tick produced for a front end leaves in
+one frame. The engine also serves /metrics and polls the repository, and
+publishes a ``Snapshot`` of its models whenever they change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import numpy as np
+
+from lockgate import tracing
+from lockgate.config import ServerConfig
+from lockgate.engine import LocalEngine
+from lockgate.errors import LockgateError
+from lockgate.ipc import messages as m
+from lockgate.ipc.slab import RingAllocator, Slab
+from lockgate.lifecycle import Lifecycle
+from lockgate.model import ModelVersion
+from lockgate.repository import ModelRepository
+from lockgate.request import Array, InferRequest
+from lockgate_client._proto import grpc_service_pb2 as pb
+
+log = logging.getLogger("lockgate.engine")
+
+#: After the drain, how long a batch already running may take to finish.
+RUNNING_BATCH_GRACE_S = 5.0
+
+
+class Peer:
+    """One connected front end: its slabs, its requests in flight, its outbox."""
+
+    def __init__(self, identity: bytes, hello: m.Hello) -> None:
+        self.identity = identity
+        self.slot = hello.slot
+        self.pid = hello.pid
+        self.inputs = Slab(hello.inputs_slab, 0, create=False)
+        self.outputs = Slab(hello.outputs_slab, 0, create=False)
+        #: The engine is the only writer of the outputs slab.
+        self.allocator = RingAllocator(self.outputs.size)
+        self.running: dict[int, tuple[asyncio.Task[None], InferRequest]] = {}
+        self.outbox: list[Any] = []
+        self.gone = False
+
+    def close(self) -> None:
+        self.inputs.close()
+        self.outputs.close()
+
+
+class EngineProcess:
+    """Owns the repository and answers every front end."""
+
+    def __init__(self, config: ServerConfig, endpoint: str) -> None:
+        self.config = config
+        self.endpoint = endpoint
+        self.lifecycle = Lifecycle()
+        self.tracer = tracing.setup(config)
+        observer = self.tracer.observe_batch if self.tracer is not None else None
+        self.repository = ModelRepository(config, self.lifecycle, observer)
+        self.engine = LocalEngine(self.repository)
+        self._peers: dict[bytes, Peer] = {}
+        self._dirty: set[bytes] = set()
+        self._flush_scheduled = False
+        self._started = False
+        self._stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._socket: Any = None
+        self._configs: dict[int, bytes] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._metrics_server: Any = None
+        self._poller: Any = None
+
+    async def run(self) -> None:
+        """Serve until the supervisor's SIGTERM; then drain and stop."""
+        import zmq
+        import zmq.asyncio
+
+        loop = self._loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_signal)
+        # A missing path, or two models under one name: the server does not start.
+        self.repository.check_locations()
+        self.repository.check_names()
+        socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        socket.setsockopt(zmq.SNDHWM, 0)
+        socket.setsockopt(zmq.RCVHWM, 0)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.bind(self.endpoint)
+        self._socket = socket
+        reader = loop.create_task(self._read())
+        from lockgate.server import serve_metrics
+
+        self._metrics_server = serve_metrics(self.config, self.repository)
+        await self._load_models()
+        self._started = True
+        self.publish()
+        if self.config.model_control_mode == "poll" and not self._stopping.is_set():
+            from lockgate.poller import RepositoryPoller
+
+            self._poller = RepositoryPoller(
+                self.repository, self.config.repository_poll_secs, self._models_changed
+            )
+            self._poller.start()
+        await self._stopping.wait()
+        await self._drain()
+        reader.cancel()
+        socket.close(linger=0)
+
+    def _on_signal(self) -> None:
+        if self._stopping.is_set():
+            log.warning("second SIGTERM: exiting now")
+            os._exit(1)
+        self.lifecycle.loads_abandoned.set()
+        self._stopping.set()
+
+    async def _load_models(self) -> None:
+        started = time.monotonic()
+        mode = self.config.model_control_mode
+        names = None if mode != "explicit" else self.config.load_models
+        if names == ["*"]:
+            names = None
+        try:
+            await self.repository.load_all(names)
+        except LockgateError as exc:
+            if not self._stopping.is_set():
+                log.warning("not every model loaded: %s", exc.message)
+        log.info(
+            "%d model version(s) ready in %.2f s",
+            len(self.repository.ready_models()),
+            time.monotonic() - started,
+        )
+
+    async def _drain(self) -> None:
+        """The front ends have drained: finish what is left, close the models."""
+        if self._poller is not None:
+            self._poller.stop()
+        try:
+            await asyncio.wait_for(self.repository.drain(), self.config.drain_seconds)
+        except TimeoutError:
+            self.lifecycle.drain_expired = True
+            log.warning("drain time is up: cancelling the requests still queued")
+        self.repository.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.repository.drain(), RUNNING_BATCH_GRACE_S)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        if self.tracer is not None:
+            self.tracer.shutdown()
+        for peer in list(self._peers.values()):
+            peer.close()
+        log.info("engine stopped")
+
+    async def _models_changed(self) -> None:
+        """The poller's hook after a change: tell every front end."""
+        self.publish()
+
+    # --- snapshot -------------------------------------------------------------------------
+
+    def snapshot(self) -> m.Snapshot:
+        repository = self.repository
+        models = repository.ready_models()
+        configs = {id(model): self._config_bytes(model) for model in models}
+        self._configs = configs  # forget unloaded versions
+        defaults = {}
+        for name in repository.names():
+            with contextlib.suppress(LockgateError):
+                defaults[name] = repository.get(name).version
+        return m.Snapshot(
+            started=self._started,
+            names=repository.names(),
+            models=[m.ModelEntry(x.name, x.version, configs[id(x)]) for x in models],
+            defaults=defaults,
+            all_ready=repository.all_ready(),
+        )
+
+    def _config_bytes(self, model: ModelVersion) -> bytes:
+        data = self._configs.get(id(model))
+        return data if data is not None else model.config.SerializeToString()
+
+    def publish(self, only: Peer | None = None) -> None:
+        snapshot = self.snapshot()
+        for peer in [only] if only is not None else list(self._peers.values()):
+            self._send(peer, snapshot)
+
+    # --- messages in --------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        socket = self._socket
+        while True:
+            identity, frame = await socket.recv_multipart(copy=False)
+            try:
+                messages = m.decode_to_engine(frame.buffer)
+            except Exception:
+                log.exception("cannot decode a frame from a front end")
+                continue
+            key = identity.bytes
+            for message in messages:
+                try:
+                    self._dispatch(key, message)
+                except Exception:  # a bug of ours: say so, keep serving
+                    log.exception("cannot handle %s", type(message).__name__)
+
+    def _dispatch(self, key: bytes, message: m.ToEngine) -> None:
+        if isinstance(message, m.Hello):
+            self._hello(key, message)
+            return
+        peer = self._peers.get(key)
+        if peer is None:
+            return  # a front end that has gone
+        if isinstance(message, m.Infer):
+            self._infer(peer, message)
+        elif isinstance(message, m.Release):
+            for offset in message.offsets:
+                peer.allocator.free(offset)
+        elif isinstance(message, m.Cancel):
+            running = peer.running.get(message.id)
+            # Not yet taken into a batch: drop it. Once running, ONNX Runtime
+            # may still read its inputs, so the answer (and the release of
+            # those inputs) waits for the batch.
+            if running is not None and not running[1].dequeue_ns:
+                running[0].cancel()
+        elif isinstance(message, m.Failed):
+            with contextlib.suppress(LockgateError):
+                model = self.repository.get(message.model, message.version)
+                model.stats.record_failure(message.reason, message.duration_ns)
+        elif isinstance(message, m.Call):
+            self._spawn(self._call(peer, message))
+
+    def _hello(self, key: bytes, hello: m.Hello) -> None:
+        try:
+            peer = Peer(key, hello)
+        except OSError as exc:
+            log.error("front end %d: cannot map its shared memory: %s", hello.slot, exc)
+            return
+        self._peers[key] = peer
+        log.info("front end %d (pid %d) connected", peer.slot, peer.pid)
+        self._watch(peer)
+        self.publish(only=peer)
+
+    def _watch(self, peer: Peer) -> None:
+        """A front end's exit is an event: its requests are dropped, its slabs unmapped."""
+        assert self._loop is not None
+        try:
+            fd = os.pidfd_open(peer.pid)
+        except OSError:
+            self._gone(peer)  # already gone
+            return
+        loop = self._loop
+
+        def exited() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            self._gone(peer)
+
+        loop.add_reader(fd, exited)
+
+    def _gone(self, peer: Peer) -> None:
+        peer.gone = True
+        self._peers.pop(peer.identity, None)
+        for task, request in list(peer.running.values()):
+            if not request.dequeue_ns:
+                task.cancel()
+        log.info("front end %d (pid %d) gone", peer.slot, peer.pid)
+        peer.close()
+
+    # --- inference ------------------------------------------------------------------------
+
+    def _infer(self, peer: Peer, message: m.Infer) -> None:
+        try:
+            model = self.repository.get(message.model, message.version)
+        except LockgateError as exc:
+            self._send(peer, m.Error(message.id, type(exc).__name__, exc.message))
+            return
+        request = InferRequest(
+            inputs={t.name: _view(peer.inputs, t) for t in message.inputs},
+            rows=message.rows,
+            outputs=message.outputs,
+            shape_key=tuple(message.shape_key),
+            request_id=message.request_id,
+            priority=message.priority,
+            timeout_us=message.timeout_us,
+            deadline=message.deadline,
+            arrival_ns=message.arrival_ns,
+        )
+        if message.trace is not None and self.tracer is not None:
+            request.trace = self.tracer.remote_parent(message.trace)
+        assert self._loop is not None
+        task = self._loop.create_task(self._run(peer, message.id, model, request))
+        peer.running[message.id] = (task, request)
+
+    async def _run(
+        self, peer: Peer, request_id: int, model: ModelVersion, request: InferRequest
+    ) -> None:
+        try:
+            outputs = await model.infer(request)
+        except LockgateError as exc:
+            reply: Any = m.Error(request_id, type(exc).__name__, exc.message)
+        except asyncio.CancelledError:
+            reply = m.Error(request_id, "RequestCancelledError", "the caller cancelled")
+        except Exception as exc:
+            log.exception("internal error running a request for %s", model.name)
+            reply = m.Error(request_id, "LockgateError", f"internal error: {exc}")
+        else:
+            reply = m.Result(
+                request_id,
+                [_put(peer, name, array) for name, array in outputs.items()],
+                request.dequeue_ns,
+                request.compute_ns,
+            )
+        finally:
+            peer.running.pop(request_id, None)
+        self._send(peer, reply)
+
+    # --- control --------------------------------------------------------------------------
+
+    async def _call(self, peer: Peer, call: m.Call) -> None:
+        try:
+            value = await self._control(call.op, call.args)
+        except LockgateError as exc:
+            self._send(peer, m.Error(call.id, type(exc).__name__, exc.message))
+        except Exception as exc:
+            log.exception("internal error in %s", call.op)
+            self._send(peer, m.Error(call.id, "LockgateError", f"internal error: {exc}"))
+        else:
+            self._send(peer, m.Reply(call.id, value))
+
+    async def _control(self, op: str, args: list[Any]) -> Any:
+        engine = self.engine
+        if op == "lookup":
+            model = self.repository.get(args[0], args[1])
+            return [model.name, model.version, self._config_bytes(model)]
+        if op == "statistics":
+            stats = await engine.statistics(args[0], args[1])
+            return pb.ModelStatisticsResponse(model_stats=stats).SerializeToString()
+        if op == "index":
+            return await engine.index(bool(args[0]))
+        if op == "load":
+            try:
+                await engine.load(args[0], args[1], args[2])
+            finally:
+                self.publish()  # before the reply: its caller then sees the change
+            return None
+        if op == "unload":
+            try:
+                await engine.unload(args[0])
+            finally:
+                self.publish()
+            return None
+        raise LockgateError(f"unknown engine operation {op!r}")
+
+    def _spawn(self, coroutine: Any) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- messages out ---------------------------------------------------------------------
+
+    def _send(self, peer: Peer, message: Any) -> None:
+        if peer.gone:
+            return
+        peer.outbox.append(message)
+        self._dirty.add(peer.identity)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """What this tick produced for each front end, one frame each."""
+        self._flush_scheduled = False
+        for key in self._dirty:
+            peer = self._peers.get(key)
+            if peer is None or not peer.outbox:
+                continue
+            frame = m.encode(peer.outbox)
+            peer.outbox = []
+            self._socket.send_multipart([key, frame], copy=False)
+        self._dirty.clear()
+
+
+_DTYPES: dict[str, np.dtype[Any]] = {}
+
+
+def _dtype(name: str) -> np.dtype[Any]:
+    dtype = _DTYPES.get(name)
+    if dtype is None:
+        dtype = _DTYPES[name] = np.dtype(name)
+    return dtype
+
+
+def _view(slab: Slab, tensor: m.TensorRef) -> Array:
+    """The tensor as numpy: a view of the slab, or of the inline bytes."""
+    if tensor.dtype == "BYTES":
+        assert isinstance(tensor.data, list)
+        values = np.empty(len(tensor.data), dtype=np.object_)
+        values[:] = tensor.data
+        return values.reshape(tensor.shape)
+    if tensor.offset >= 0:
+        buffer: Any = slab.buffer[tensor.offset : tensor.offset + tensor.nbytes]
+    else:
+        buffer = tensor.data
+    return np.frombuffer(buffer, dtype=_dtype(tensor.dtype)).reshape(tensor.shape)
+
+
+def _put(peer: Peer, name: str, array: Array) -> m.TensorRef:
+    """An output into the front end's outputs slab (inline if the slab is full)."""
+    if array.dtype == np.object_:
+        return m.TensorRef(name, "BYTES", array.shape, data=array.ravel().tolist())
+    array = np.ascontiguousarray(array)
+    offset = peer.allocator.alloc(array.nbytes)
+    if offset is None:
+        return m.TensorRef(name, array.dtype.str, array.shape, data=array.tobytes())
+    peer.outputs.write(offset, array)
+    return m.TensorRef(name, array.dtype.str, array.shape, offset, array.nbytes)
+
+
+def engine_main(config: ServerConfig, endpoint: str, supervisor_pid: int) -> None:
+    """The engine process's entry point (spawned by the supervisor)."""
+    from lockgate.supervisor import become_child, run_loop
+
+    become_child("engine", config, supervisor_pid)
+    run_loop(EngineProcess(config, endpoint).run())
