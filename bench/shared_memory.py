@@ -204,9 +204,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds; medians are reported")
     parser.add_argument("--quick", action="store_true", help="one short round")
     parser.add_argument("--generator", choices=["auto", "python"], default="auto")
+    parser.add_argument("--models", default="image_classifier,mlp", help="points to measure")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     seconds, rounds = (1.5, 1) if args.quick else (args.duration, args.rounds)
+    points = [p for p in POINTS if p[0] in args.models.split(",")]
     binary = perf_analyzer() if args.generator == "auto" else None
     generator = "perf_analyzer" if binary else "python"
     print(f"load generator: {generator}", file=sys.stderr)
@@ -222,7 +224,7 @@ def main() -> int:
             regions: list[SharedMemoryRegion] = []
             try:
                 messages: dict[tuple[str, str], bytes] = {}
-                for model, _, shape, output in POINTS:
+                for model, _, shape, output in points:
                     region = client.create_shared_memory(
                         f"bench_{model}", 4 * (math.prod(shape) + output)
                     )
@@ -231,7 +233,7 @@ def main() -> int:
                     messages[model, "bytes"] = payload(model, shape, output, None)
                     messages[model, "shm"] = payload(model, shape, output, region.name)
                 for round_number in range(1, rounds + 1):
-                    for model, callers, _, _ in POINTS:
+                    for model, callers, _, _ in points:
                         for mode in MODES:
                             sample = measure(
                                 server, binary, messages[model, mode], model, callers, mode, seconds
@@ -249,7 +251,7 @@ def main() -> int:
         server.stop()
 
     rows = []
-    for model, callers, shape, _ in POINTS:
+    for model, callers, shape, _ in points:
         entry: dict[str, Any] = {"model": model, "callers": callers}
         for mode in MODES:
             mine = [s for s in samples if s.model == model and s.mode == mode]
