@@ -915,3 +915,25 @@ def test_cli_bench_shared_memory(server: ServerProcess, capsys: pytest.CaptureFi
     with tc.InferenceServerClient(server.url) as triton:
         regions = triton.get_system_shared_memory_status().regions
         assert not [name for name in regions if name.startswith("lockgate_bench_")]
+
+
+def test_model_unload_leaves_regions_alone(
+    start_server: Callable[..., ServerProcess], model_repository: Path, regions: Regions
+) -> None:
+    server = start_server(
+        model_repository, "--model-control-mode", "explicit", "--load-model", "simple"
+    )
+    name, key, handle = regions.create(128)
+    a, b = _simple_inputs()
+    shm.set_shared_memory_region(handle, [a, b])
+    with tc.InferenceServerClient(server.url) as triton:
+        triton.register_system_shared_memory(name, key, 128)
+        triton.unload_model("simple")
+        assert name in triton.get_system_shared_memory_status().regions
+        assert _mapped(server, key)
+        triton.load_model("simple")
+        got, message = _infer_with(
+            server.url, {"shared_memory_region": name, "shared_memory_byte_size": 64}
+        )
+        assert got == grpc.StatusCode.OK, message
+        triton.unregister_system_shared_memory(name)
