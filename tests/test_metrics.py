@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import shutil
+import socket
 import sys
 import types
 import urllib.error
@@ -27,6 +28,7 @@ from support import ROOT, ServerProcess, launch_server, scrape, simple_inputs
 from tritonclient.utils import InferenceServerException
 
 from lockgate.errors import FAILURE_REASONS
+from lockgate.metrics import METRICS_MAX_CONNECTIONS
 
 DURATION_BUCKETS = "0.0005,0.005,0.05,0.5,5"
 BATCH_BUCKETS = "1,2,4,8"
@@ -402,3 +404,21 @@ def test_no_nvml_means_no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setitem(sys.modules, "pynvml", NoDriver())
     assert open_gpus() is None
+
+
+def test_idle_metrics_connections_are_bounded(metrics_server: ServerProcess) -> None:
+    """Idle connections get no thread past the cap, and are closed after the timeout."""
+    extra = 8
+    sockets = [
+        socket.create_connection(("127.0.0.1", metrics_server.metrics_port), timeout=60)
+        for _ in range(METRICS_MAX_CONNECTIONS + extra)
+    ]
+    try:
+        # Each idle connection is closed by the server: the ones over the cap
+        # at once, the others when the idle timeout passes (recv then sees EOF).
+        closed = [s.recv(1) for s in sockets]
+        assert closed == [b""] * len(sockets)
+        assert "nv_inference_count" in scrape(metrics_server)  # still scraped
+    finally:
+        for s in sockets:
+            s.close()

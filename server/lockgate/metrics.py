@@ -264,11 +264,39 @@ class Metrics:
             self.gpus.close()
 
 
+#: Connections the metrics port serves at once (a thread each); more are
+#: closed as they arrive. Prometheus scrapes over one connection at a time.
+METRICS_MAX_CONNECTIONS = 32
+#: Seconds a metrics connection may take to send its request before it is closed.
+METRICS_IDLE_TIMEOUT_S = 5.0
+
+
 class MetricsServer(ThreadingHTTPServer):
-    """The /metrics HTTP server; ``shutdown`` also releases NVML."""
+    """The /metrics HTTP server, with bounded connections; ``shutdown`` also releases NVML."""
 
     daemon_threads = True
     metrics: Metrics
+
+    def __init__(self, address: tuple[str, int], handler: Any) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(METRICS_MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            # No thread for it: hundreds of idle connections must not mean hundreds of threads.
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def shutdown(self) -> None:
         super().shutdown()
@@ -281,6 +309,9 @@ def start_metrics_server(config: ServerConfig, repository: ModelRepository) -> A
     metrics = Metrics(repository)
 
     class Handler(BaseHTTPRequestHandler):
+        # A connection that sends nothing is closed after this (socket timeout).
+        timeout = METRICS_IDLE_TIMEOUT_S
+
         def do_GET(self) -> None:
             if self.path.split("?")[0] not in ("/metrics", "/"):
                 self.send_error(404, "metrics are at /metrics")
