@@ -146,6 +146,10 @@ class Scheduler:
 
     # --- intake ---------------------------------------------------------------
 
+    async def run(self, request: InferRequest) -> Outputs:
+        """Queue ``request`` and wait for its outputs (``submit``, awaited)."""
+        return await self.submit(request)
+
     def submit(self, request: InferRequest) -> asyncio.Future[Outputs]:
         """Queue ``request``; the returned future resolves with its outputs.
 

@@ -258,88 +258,71 @@ class EnsembleScheduler:
         self._output_order = output_order
         self._stats = stats
         self._resolve = resolve
-        self._running: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._closed = False
 
     @property
     def busy(self) -> bool:
-        return bool(self._running)
+        return bool(self._in_flight)
 
-    def submit(self, request: InferRequest) -> asyncio.Future[Outputs]:
-        """Start the request's steps; the future resolves with the ensemble's outputs."""
+    async def run(self, request: InferRequest) -> Outputs:
+        """Run the request's steps in the caller's task; the ensemble's outputs.
+
+        No queue and no extra task: cancelling the caller cancels the steps
+        still queued or running.
+        """
         if self._closed:
             raise ModelUnavailableError("model is unloading; no new requests accepted")
-        loop = asyncio.get_running_loop()
         if not request.arrival_ns:
             request.arrival_ns = time.monotonic_ns()
-        future: asyncio.Future[Outputs] = loop.create_future()
-        request.future = future
-        task = loop.create_task(self._run(request, future))
-        self._running.add(task)
-        task.add_done_callback(self._finished)
-        # A caller that leaves cancels the steps still queued or running.
-        future.add_done_callback(lambda f: task.cancel() if f.cancelled() else None)
-        return future
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        if not self._running:
-            for waiter in self._idle_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._idle_waiters.clear()
-
-    async def _run(self, request: InferRequest, future: asyncio.Future[Outputs]) -> None:
+        self._in_flight += 1
         try:
-            outputs = await self._execute(request)
-        except asyncio.CancelledError:
-            if not future.done():
-                future.cancel()
-            return
-        except LockgateError as exc:
-            if not future.done():
-                future.set_exception(exc)
-            return
-        except Exception as exc:  # a bug of ours: the caller gets INTERNAL, we keep serving
-            if not future.done():
-                future.set_exception(
-                    InternalError(f"internal error in ensemble '{self._name}': {exc!r}")
-                )
-            return
-        if not future.done():
-            future.set_result(outputs)
+            return await self._execute(request)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                for waiter in self._idle_waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+                self._idle_waiters.clear()
 
     async def _execute(self, request: InferRequest) -> Outputs:
         tensors: dict[str, Array] = dict(request.inputs)
         waiting = list(self._steps)
         running: dict[asyncio.Task[tuple[Outputs, InferRequest]], Step] = {}
-        queue_ns = 0
-        compute = [0, 0, 0]
+        totals = [0, 0, 0, 0]  # queue, compute input, infer, output (ns)
+
+        def absorb(step: Step, outputs: Outputs, sent: InferRequest) -> None:
+            for model_output, tensor in step.outputs:
+                tensors[tensor] = outputs[model_output]
+            # Triton's ensemble statistics sum the composing models' times.
+            totals[0] += sent.dequeue_ns - sent.arrival_ns
+            for i, ns in enumerate(sent.compute_ns, start=1):
+                totals[i] += ns
+
         try:
             while waiting or running:
-                for step in [s for s in waiting if s.reads <= tensors.keys()]:
+                ready = [s for s in waiting if s.reads <= tensors.keys()]
+                for step in ready:
                     waiting.remove(step)
-                    task = asyncio.create_task(self._step(step, tensors, request))
-                    running[task] = step
+                if len(ready) == 1 and not running:
+                    # A chain (the common case): await the step itself, no task.
+                    absorb(ready[0], *await self._step(ready[0], tensors, request))
+                    continue
+                for step in ready:
+                    running[asyncio.create_task(self._step(step, tensors, request))] = step
                 if not running:
                     raise InternalError(f"ensemble '{self._name}': no step can run")
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    step = running.pop(task)
-                    outputs, sent = task.result()
-                    for model_output, tensor in step.outputs:
-                        tensors[tensor] = outputs[model_output]
-                    # Triton's ensemble statistics sum the composing models' times.
-                    queue_ns += sent.dequeue_ns - sent.arrival_ns
-                    for i, ns in enumerate(sent.compute_ns):
-                        compute[i] += ns
+                    absorb(running.pop(task), *task.result())
         finally:
             for task in running:
                 task.cancel()
-        request.dequeue_ns = request.arrival_ns + queue_ns
-        request.compute_ns = (compute[0], compute[1], compute[2])
-        self._stats.record_execution(request.rows, *compute)
+        request.dequeue_ns = request.arrival_ns + totals[0]
+        request.compute_ns = (totals[1], totals[2], totals[3])
+        self._stats.record_execution(request.rows, totals[1], totals[2], totals[3])
         wanted = request.outputs
         return {name: tensors[name] for name in (self._output_order if wanted is None else wanted)}
 
@@ -357,7 +340,7 @@ class EnsembleScheduler:
         return outputs, sent
 
     async def wait_idle(self) -> None:
-        if not self._running:
+        if not self._in_flight:
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._idle_waiters.append(waiter)

@@ -84,8 +84,7 @@ class ModelVersion:
     async def _infer(self, request: InferRequest) -> Outputs:
         """Queue ``request``, wait for its batch, and record the outcome."""
         try:
-            future = self.scheduler.submit(request)
-            outputs = await future
+            outputs = await self.scheduler.run(request)
         except asyncio.CancelledError:
             reason, _ = self.lifecycle.cancellation(request.deadline)
             self.stats.record_failure(reason, time.monotonic_ns() - request.arrival_ns)
