@@ -18,7 +18,7 @@ import numpy.typing as npt
 import pytest
 import tritonclient.grpc as tc
 from google.protobuf import text_format
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import ServerProcess, launch_server
 from tritonclient.utils import InferenceServerException
@@ -380,6 +380,7 @@ def dags(draw: st.DrawFn) -> list[tuple[list[str], list[str]]]:
     return draw(st.permutations(steps))
 
 
+@settings(deadline=None)
 @given(dags())
 def test_plans_put_every_step_after_what_it_reads(
     steps: list[tuple[list[str], list[str]]],
@@ -391,6 +392,7 @@ def test_plans_put_every_step_after_what_it_reads(
         available.update(t for _, t in step.outputs)
 
 
+@settings(deadline=None)
 @given(dags())
 def test_a_back_edge_is_a_cycle(steps: list[tuple[list[str], list[str]]]) -> None:
     ordered = sorted(steps, key=lambda s: int(s[1][0][1:]))

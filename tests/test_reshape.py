@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import tritonclient.grpc as tc
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 from support import ServerProcess, launch_server
@@ -279,6 +279,7 @@ def _factorings(count: int) -> list[list[int]]:
     return options
 
 
+@settings(deadline=None)
 @given(reshape_pairs(), st.integers(1, 3))
 def test_shape_maps_round_trip(pair: tuple[list[int], list[int], list[int]], rows: int) -> None:
     dims, reshape, sizes = pair

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import ServerProcess, launch_server, scrape
 
@@ -250,6 +250,7 @@ arrays = st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=8).map(
 )
 
 
+@settings(deadline=None)
 @given(arrays, arrays)
 def test_keys_differ_exactly_when_requests_do(a: Any, b: Any) -> None:
     key_a = ResponseCache.key("m", "1", _decoded({"X": a}))
