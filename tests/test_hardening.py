@@ -8,6 +8,7 @@ and that the server keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import struct
 import time
@@ -20,12 +21,15 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from onnx import TensorProto, helper
 from support import ServerProcess, launch_server
 
 from lockgate.batcher import Scheduler
-from lockgate.config import MAX_PRIORITY_LEVELS, validate_config
+from lockgate.config import MAX_PRIORITY_LEVELS, ServerConfig, validate_config
 from lockgate.errors import InvalidInputError, ModelLoadError
 from lockgate.health import MAX_HEALTH_REQUEST_BYTES
+from lockgate.lifecycle import Lifecycle
+from lockgate.repository import ModelRepository
 from lockgate.stats import ModelStats
 from lockgate.uploads import MAX_UPLOAD_PATH_DEPTH, remove_scratch, write_model_files
 from lockgate_client._proto import grpc_service_pb2 as pb
@@ -453,3 +457,65 @@ def test_a_model_that_fails_at_startup_keeps_the_server_unready(
             pytest.fail("startup loading never ended")
         assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=60).ready
         assert_serving(stub)
+
+
+# --- error messages with real models: scikit-learn's ZipMap -----------------------------------
+
+
+def write_zipmap_classifier(repo: Path, config: str | None) -> None:
+    """What skl2onnx makes of a classifier by default: a label tensor and a ZipMap."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("ArgMax", ["X"], ["label"], axis=1, keepdims=0),
+            helper.make_node("Softmax", ["X"], ["probabilities"], axis=1),
+            helper.make_node(
+                "ZipMap",
+                ["probabilities"],
+                ["output_probability"],
+                domain="ai.onnx.ml",
+                classlabels_int64s=[0, 1],
+            ),
+        ],
+        "classifier",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 2])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+            helper.make_value_info(
+                "output_probability",
+                helper.make_sequence_type_proto(
+                    helper.make_map_type_proto(
+                        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])
+                    )
+                ),
+            ),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)]
+    )
+    model.ir_version = 8
+    directory = repo / "classifier"
+    (directory / "1").mkdir(parents=True)
+    (directory / "1" / "model.onnx").write_bytes(model.SerializeToString())
+    if config is not None:
+        (directory / "config.pbtxt").write_text(config)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        None,
+        'max_batch_size: 8\ninput [ { name: "X" data_type: TYPE_FP32 dims: [ 2 ] } ]\n'
+        'output [ { name: "label" data_type: TYPE_INT64 dims: [ 1 ] } ]\n',
+    ],
+    ids=["auto-complete", "max_batch_size"],
+)
+def test_a_zipmap_output_says_how_to_export_the_model(tmp_path: Path, config: str | None) -> None:
+    write_zipmap_classifier(tmp_path, config)
+    repository = ModelRepository(ServerConfig(model_repository=[str(tmp_path)]), Lifecycle())
+    with pytest.raises(ModelLoadError) as info:
+        asyncio.run(repository.load_all())
+    message = info.value.message
+    assert "'output_probability' is a seq(map(int64,tensor(float)))" in message
+    assert "zipmap" in message
+    assert "batch dimension" not in message

@@ -496,10 +496,27 @@ def _config_type(tensor: OnnxTensor, model: str) -> int:
     try:
         return ORT_TO_CONFIG[tensor.ort_type]
     except KeyError:
+        if not tensor.ort_type.startswith("tensor("):
+            raise ModelLoadError(f"model '{model}': {not_a_tensor(tensor)}") from None
         raise ModelLoadError(
             f"model '{model}': tensor '{tensor.name}' has type {tensor.ort_type}, "
             "which the KServe v2 protocol cannot carry"
         ) from None
+
+
+def not_a_tensor(tensor: OnnxTensor) -> str:
+    """Why a sequence or map output cannot be served, and what to do about it."""
+    hint = ""
+    if tensor.ort_type.startswith("seq(map("):
+        # What scikit-learn classifiers converted by skl2onnx output by default.
+        hint = (
+            "; this is scikit-learn's ZipMap: convert the model with skl2onnx's "
+            "options={'zipmap': False} to get the probabilities as a tensor"
+        )
+    return (
+        f"'{tensor.name}' is a {tensor.ort_type}, not a tensor, and the KServe v2 "
+        f"protocol carries only tensors{hint}"
+    )
 
 
 def validate_config(config: mc.ModelConfig) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from lockgate.batcher import BatchObserver, Scheduler
 from lockgate.cache import ResponseCache
 from lockgate.codec import TensorSpec
-from lockgate.config import ServerConfig, complete_config, validate_config
+from lockgate.config import ServerConfig, complete_config, not_a_tensor, validate_config
 from lockgate.ensemble import (
     EnsembleScheduler,
     Resolve,
@@ -222,6 +222,9 @@ def _check_batch_dims(config: mc.ModelConfig, runner: Runner) -> None:
     if config.max_batch_size == 0:
         return
     for tensor in runner.inputs + runner.outputs:
+        if not tensor.ort_type.startswith("tensor("):
+            # Its shape is empty because it has none: say what it really is.
+            raise ModelLoadError(f"model '{config.name}': {not_a_tensor(tensor)}")
         if not tensor.shape or tensor.shape[0] != -1:
             raise ModelLoadError(
                 f"model '{config.name}': max_batch_size is {config.max_batch_size} but "
