@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ./client -e '.[dev]'
+	@# The `lockgate` script moved from the server distribution to the client's:
+	@# a venv made before that lost it when pip replaced the old server install.
+	test -x $(VENV)/bin/lockgate || $(PY) -m pip install --quiet --no-deps --force-reinstall -e ./client
 	touch $(STAMP)
 
 models: $(STAMP)  ## build the example ONNX models into models/repository

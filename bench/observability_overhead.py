@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.serving import launch_server  # noqa: E402
+from lockgate_client._loop import run  # noqa: E402
 from models.build import build_simple  # noqa: E402
 
 MODEL = "simple"
@@ -121,13 +122,7 @@ async def closed_loop(
 
 
 def load_main(port: int, client_kind: str, concurrency: int, seconds: float) -> None:
-    try:
-        import uvloop
-
-        runner: Any = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    done = runner(closed_loop(port, client_kind, concurrency, seconds, warmup=1.0))
+    done = run(closed_loop(port, client_kind, concurrency, seconds, warmup=1.0))
     print(json.dumps({"throughput": done / seconds}))
 
 

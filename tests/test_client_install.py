@@ -62,6 +62,11 @@ def test_client_installs_alone(tmp_path: Path) -> None:
     assert "lockgate" not in names
     # The type information ships with it.
     assert (Path(location).parent / "py.typed").is_file()
+    # The command line comes with the SDK: every client command, and no serve
+    # (that is added by the server distribution when it is installed).
+    usage = run(venv / "bin" / "lockgate", "--help", cwd=elsewhere)
+    commands = {line.split()[0] for line in usage.splitlines() if line.startswith("    ")}
+    assert commands == {"infer", "models", "stats", "bench"}, usage
 
 
 def test_dev_install_shows_the_sdk_types_to_mypy(tmp_path: Path) -> None:

@@ -625,14 +625,9 @@ def test_load_and_unload(start_server: StartServer, small_repository: Path) -> N
 
 
 def run_cli(*argv: str) -> int:
-    import argparse
+    from lockgate_client.cli import main
 
-    from lockgate.commands import add_client_commands
-
-    parser = argparse.ArgumentParser(prog="lockgate")
-    add_client_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    return main(argv)
 
 
 def test_cli_infer(

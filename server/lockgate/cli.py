@@ -1,18 +1,23 @@
-"""``lockgate serve|infer|models|stats|bench``: argument parsing only."""
+"""``lockgate serve``: argument parsing only.
+
+The ``lockgate`` script itself belongs to the client distribution
+(``lockgate_client.cli``); this distribution adds ``serve`` to it through the
+``lockgate.commands`` entry point group. ``python -m lockgate`` runs the
+same parser.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-from lockgate import __version__
 from lockgate.config import ServerConfig
 from lockgate.logs import configure_logging
 from lockgate.settings import SettingError, add_flags, resolve
+from lockgate_client import cli as client_cli
+from lockgate_client._loop import run
 
 log = logging.getLogger("lockgate")
 
@@ -77,8 +82,7 @@ def run_serve(args: argparse.Namespace) -> int:
         await server.serve()
 
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(main())
+        run(main())
     except (OSError, SecurityConfigError) as exc:
         log.error("%s", exc)
         return 1
@@ -98,35 +102,14 @@ def _run_supervisor(config: ServerConfig) -> int:
     return Supervisor(config, config.frontends).run()
 
 
-def _loop_factory() -> Any:
-    """uvloop where it installs: measured fastest for grpc.aio under concurrency."""
-    try:
-        import uvloop
-    except ImportError:  # Windows: the default loop works too
-        return None
-    return uvloop.new_event_loop
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lockgate",
-        description="Lockgate: a Triton-compatible gRPC model server for ONNX models.",
-    )
-    parser.add_argument("--version", action="version", version=f"lockgate {__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_serve_command(subparsers)
-    try:
-        from lockgate.commands import add_client_commands
-    except ImportError:  # the client commands are optional during development
-        pass
-    else:
-        add_client_commands(subparsers)
-    return parser
+    """The ``lockgate`` parser with ``serve`` (also without installed entry points)."""
+    return client_cli.build_parser(add_serve_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """``python -m lockgate``: the ``lockgate`` script, ``serve`` included."""
+    args = build_parser().parse_args(argv)
     return int(args.func(args))
 
 

@@ -17,7 +17,6 @@ leaves no orphans, and ``ps`` shows each process's role.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import logging
 import multiprocessing
@@ -32,6 +31,7 @@ from typing import Any
 
 from lockgate.config import ServerConfig
 from lockgate.ipc.slab import remove_slabs, slab_prefix
+from lockgate_client._loop import run
 
 log = logging.getLogger("lockgate.supervisor")
 
@@ -84,13 +84,11 @@ def become_child(role: str, config: ServerConfig, supervisor_pid: int) -> None:
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run a child's main coroutine on the fastest loop; exit with its status."""
-    from lockgate.cli import _loop_factory
     from lockgate.errors import LockgateError
     from lockgate.security import SecurityConfigError
 
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(main)
+        run(main)
     except (OSError, SecurityConfigError) as exc:
         logging.getLogger("lockgate").error("%s", exc)
         logging.shutdown()

@@ -1,8 +1,10 @@
-"""``lockgate infer|models|stats|bench``: client subcommands built on the SDK.
+"""The ``lockgate`` command: ``infer``, ``models``, ``stats`` and ``bench``, built on the SDK.
 
 They speak only the KServe v2 gRPC protocol, so they work against any
-compatible server (Triton included), not just Lockgate. ``cli.py`` adds them
-to its parser with :func:`add_client_commands`.
+compatible server (Triton included), not just Lockgate, and install with
+``lockgate-client`` alone. Other distributions add subcommands through the
+``lockgate.commands`` entry point group: the server distribution adds
+``lockgate serve`` that way, so one ``lockgate`` script serves both.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -30,11 +32,16 @@ from lockgate_client import (
     ModelStatistics,
     SharedMemoryRegion,
     SharedOutput,
+    __version__,
 )
+from lockgate_client._loop import run
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client.datatypes import WIRE_DTYPES
 
-__all__ = ["add_client_commands"]
+__all__ = ["add_client_commands", "build_parser", "main"]
+
+#: Entry point group through which other distributions add subcommands.
+COMMANDS_GROUP = "lockgate.commands"
 
 DEFAULT_URL = "127.0.0.1:8001"
 
@@ -367,15 +374,7 @@ def _ms(value: float | None) -> str:
 
 def _run_async(coroutine: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
     # uvloop (a server dependency) lets one client process push far more load.
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:
-        pass
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(coroutine)
+    return run(coroutine)
 
 
 async def _bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -581,3 +580,64 @@ def _summary(level: _Level, duration: float, rows: int) -> dict[str, Any]:
             "p99_ms": float(p99),
         }
     return result
+
+
+# --- the `lockgate` script -------------------------------------------------------------
+
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+AddCommand: TypeAlias = "Callable[[Subparsers], None]"
+
+
+def build_parser(*extra: AddCommand) -> argparse.ArgumentParser:
+    """The ``lockgate`` parser: the client commands, those of installed plugins, ``extra``.
+
+    A plugin is an entry point in the ``lockgate.commands`` group naming a
+    function that adds its subcommand(s) to the subparsers (the server's
+    ``serve``). One that fails to import is left out, so a broken server
+    install never takes the client commands down with it.
+    """
+    parser = argparse.ArgumentParser(
+        prog="lockgate",
+        description="Lockgate: a Triton-compatible gRPC model server for ONNX models, "
+        "and a client for any KServe v2 server.",
+    )
+    parser.add_argument("--version", action="version", version=f"lockgate {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (*_plugins(), *extra):
+        if add.__name__ == "add_client_commands" or _added(subparsers, add):
+            continue
+        add(subparsers)
+    add_client_commands(subparsers)
+    return parser
+
+
+def _plugins() -> list[AddCommand]:
+    from importlib.metadata import entry_points
+
+    found: list[AddCommand] = []
+    for entry in entry_points(group=COMMANDS_GROUP):
+        try:
+            found.append(entry.load())
+        except Exception as exc:  # a broken plugin must not break the client commands
+            print(f"lockgate: ignoring command plugin {entry.value}: {exc}", file=sys.stderr)
+    return found
+
+
+def _added(subparsers: Subparsers, add: AddCommand) -> bool:
+    # The same function from an entry point and from ``extra``: add it once.
+    added: set[AddCommand] = getattr(subparsers, "_lockgate_added", set())
+    seen = add in added
+    added.add(add)
+    subparsers._lockgate_added = added  # type: ignore[attr-defined]
+    return seen
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``lockgate COMMAND ...``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
