@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import functools
 import importlib
 import json
 import os
@@ -549,21 +550,27 @@ def counts(url: str, model: str) -> tuple[int, int]:
     return stats.inference_count, stats.execution_count
 
 
-def in_process(ctx: Context, model: str, batch: int, seconds: float) -> float:
-    """Rows per second of ONNX Runtime in this process, through IO binding."""
+def in_process(
+    ctx: Context, model: str, batch: int, seconds: float, *, binding: bool = True
+) -> float:
+    """Rows per second of ONNX Runtime in this process (IO binding, or plain run)."""
     from lockgate.binding import BoundRunner
 
-    key = (model, batch)
+    key = (model, batch, binding)
     cache = ctx.data.setdefault("_in_process", {})
     if key in cache:
         return float(cache[key])
     sess = session(ctx, model, ctx.device)
-    bound = BoundRunner(sess)
     feeds = random_feeds(sess, batch)
-    bound.run(feeds)
+    call: Callable[[], object] = (
+        functools.partial(BoundRunner(sess).run, feeds)
+        if binding
+        else functools.partial(sess.run, None, feeds)
+    )
+    call()
     runs, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds or runs < 2:
-        bound.run(feeds)
+        call()
         runs += 1
     cache[key] = runs * batch / elapsed
     return float(cache[key])
@@ -581,8 +588,16 @@ def step_performance(ctx: Context, server: Any) -> None:
     for model in ctx.perf_models:
         for batch in batches:
             rate = in_process(ctx, model, batch, ctx.duration / 2)
-            print(f"  in-process {model} batch {batch}: {rate:,.0f} rows/s", flush=True)
+            # The same without IO binding: does binding pay on this device?
+            plain = in_process(ctx, model, batch, ctx.duration / 2, binding=False)
+            print(
+                f"  in-process {model} batch {batch}: {rate:,.0f} rows/s with IO binding, "
+                f"{plain:,.0f} without ({rate / plain:.2f}×)",
+                flush=True,
+            )
             rows.append({"model": model, "target": "in-process", "batch": batch, "rows_s": rate})
+            unbound = "in-process, no IO binding"
+            rows.append({"model": model, "target": unbound, "batch": batch, "rows_s": plain})
         payload = {m: request_bytes(ctx, m) for m in variants(model).values()}
         for label, served in variants(model).items():
             for concurrency in callers:
