@@ -58,6 +58,8 @@ for _path in (ROOT, ROOT / "server", ROOT / "client"):
 
 #: Set in the environment of the re-executed script, so it re-executes once.
 PREPARED = "LOCKGATE_GPU_CHECK_PREPARED"
+#: A piece of a split wheel: the wheel's name, then its index.
+PART = re.compile(r"^(?P<wheel>.+\.whl)\.(?:part)?[-_.]?(?P<index>\d+|[a-z]{2})$")
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 #: Example models compared in step 2 (the GPU ones join with --quick off).
 EXAMPLES = ["simple", "simple_string", "mlp", "image_classifier"]
@@ -73,19 +75,22 @@ TOLERANCES = {"FP32": (1e-2, 1e-4), "FP16": (5e-2, 1e-3), "FP64": (1e-6, 1e-9)}
 def reassemble(source: Path, into: Path) -> list[Path]:
     """Whole wheels from ``source`` in ``into``: ``NAME.whl.part-*`` concatenated in order.
 
-    Parts are what ``split -b 50M -d NAME.whl NAME.whl.part-`` makes; each
+    Parts are named ``NAME.whl.part-00``, ``NAME.whl.part-aa`` (what ``split``
+    makes), ``NAME.whl.part1`` or ``NAME.whl.001``; each
     reassembled wheel is checked as a zip (every member's CRC), so a missing
     or truncated part fails here with its name, not later inside pip.
     """
     into.mkdir(parents=True, exist_ok=True)
-    groups: dict[str, list[Path]] = defaultdict(list)
-    for part in source.glob("*.part-*"):
-        groups[part.name.split(".part-")[0]].append(part)
+    groups: dict[str, list[tuple[str, Path]]] = defaultdict(list)
+    for path in source.iterdir():
+        if match := PART.match(path.name):
+            groups[match["wheel"]].append((match["index"], path))
     wheels = []
     for name, parts in sorted(groups.items()):
         target = into / name
         with target.open("wb") as out:
-            for part in sorted(parts, key=lambda p: p.name):
+            # Shortest first, then by name: 2 before 10, -09 before -10, aa before ab.
+            for _, part in sorted(parts, key=lambda p: (len(p[0]), p[0])):
                 with part.open("rb") as chunk:
                     shutil.copyfileobj(chunk, out, 16 * 2**20)
         wheels.append(target)
@@ -128,9 +133,12 @@ def install(wheels: Path, venv: Path) -> Path:
     print(f"wheels: {len(found)} in {wheels} ({', '.join(w.name for w in found)})")
     python = venv / "bin" / "python"
     if not python.exists():
-        subprocess.run(
-            [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True
-        )
+        make = [sys.executable, "-m", "venv", "--system-site-packages", str(venv)]
+        if subprocess.run(make, check=False).returncode != 0:
+            # Distributions that split out ensurepip (Debian's python3-venv):
+            # the venv sees the host's pip through --system-site-packages.
+            shutil.rmtree(venv / "bin", ignore_errors=True)
+            subprocess.run([*make, "--without-pip"], check=True)
     wanted = ["onnxruntime-gpu", *requirements()]
     result = subprocess.run(
         [

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -59,14 +60,26 @@ def wheel(path: Path, size: int) -> bytes:
     return path.read_bytes()
 
 
-def test_split_wheels_are_reassembled_in_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "suffix",
+    [
+        lambda i: f".part-{i:02d}",  # split -d
+        lambda i: ".part-" + "abcdefghijklmnopqrstuvwxyz"[i // 26] + "abcdefghijklm"[i % 13],
+        lambda i: f".part{i + 1}",  # unpadded: part10 comes after part9
+        lambda i: f".{i + 1:03d}",
+    ],
+)
+def test_split_wheels_are_reassembled_in_order(
+    tmp_path: Path, suffix: Callable[[int], str]
+) -> None:
     source, into = tmp_path / "wheels", tmp_path / "into"
     source.mkdir()
     name = "onnxruntime_gpu-1.0-cp312-cp312-manylinux_2_28_x86_64.whl"
     data = wheel(tmp_path / name, 1 << 16)
-    third = len(data) // 3 + 1
-    for i in range(3):  # as `split -b N -d NAME NAME.part-` names them
-        (source / f"{name}.part-{i:02d}").write_bytes(data[i * third : (i + 1) * third])
+    size = len(data) // 11 + 1
+    for i in range(11):
+        (source / f"{name}{suffix(i)}").write_bytes(data[i * size : (i + 1) * size])
+    (source / f"{name}.sha256").write_text("not a part\n")
     whole = wheel(source / "numpy-2.0-cp312-cp312-linux_x86_64.whl", 1024)
     found = reassemble(source, into)
     assert sorted(p.name for p in found) == sorted([name, "numpy-2.0-cp312-cp312-linux_x86_64.whl"])
