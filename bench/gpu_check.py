@@ -58,6 +58,8 @@ for _path in (ROOT, ROOT / "server", ROOT / "client"):
 
 #: Set in the environment of the re-executed script, so it re-executes once.
 PREPARED = "LOCKGATE_GPU_CHECK_PREPARED"
+#: Wall-clock start of the first process, inherited by the re-executed one.
+STARTED = "LOCKGATE_GPU_CHECK_STARTED"
 #: A piece of a split wheel: the wheel's name, then its index.
 PART = re.compile(r"^(?P<wheel>.+\.whl)\.(?:part)?[-_.]?(?P<index>\d+|[a-z]{2})$")
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -264,8 +266,16 @@ class Context:
     out: Path
     duration: float
     cycles: int
+    #: time.monotonic() by which the run must be done (the host's budget).
+    deadline: float
+    host: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
     checks: list[Check] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
+
+    def short_of_time(self, reserve: float) -> bool:
+        """Less than ``reserve`` seconds are left before the deadline."""
+        return time.monotonic() > self.deadline - reserve
 
     @property
     def provider(self) -> str:
@@ -609,6 +619,11 @@ def step_performance(ctx: Context, server: Any) -> None:
         payload = {m: request_bytes(ctx, m) for m in variants(model).values()}
         for label, served in variants(model).items():
             for concurrency in callers:
+                # Steps 4 and 5 need about a minute and a half on a GPU host.
+                if ctx.short_of_time(90):
+                    what = f"{model} {label}, {concurrency} callers"
+                    ctx.check("3", what, None, "not measured: the time budget ran short")
+                    continue
                 before = counts(server.url, served)
                 result = run_load(server.grpc_port, payload[served], concurrency, ctx.duration)
                 after = counts(server.url, served)
@@ -785,7 +800,10 @@ def step_load_unload(ctx: Context) -> None:
         readings = []
         with Client(server.url, timeout=120) as client:
             feeds = random_feeds(session(ctx, model, "cpu"), 8)
-            for _ in range(ctx.cycles + 1):
+            for cycle in range(ctx.cycles + 1):
+                if cycle > 2 and ctx.short_of_time(10):
+                    print(f"  time budget: stopping after {cycle - 1} cycles", flush=True)
+                    break
                 client.load(model)
                 client.infer(model, feeds)
                 client.unload(model)
@@ -802,7 +820,7 @@ def step_load_unload(ctx: Context) -> None:
     ctx.data["load_unload"] = {"what": what, "bytes_after_each_unload": readings}
     ctx.check(
         "5",
-        f"{what} back to baseline after {ctx.cycles} unloads",
+        f"{what} back to baseline after {len(after)} unloads",
         growth <= allowed,
         f"baseline {baseline / 2**20:.0f} MiB, highest after {max(after) / 2**20:.0f} MiB, "
         f"last {after[-1] / 2**20:.0f} MiB (allowed +{allowed / 2**20:.0f} MiB)",
@@ -877,6 +895,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds per measured point")
     parser.add_argument("--cycles", type=int, help="load/unload cycles (default 20)")
     parser.add_argument("--out", type=Path, help="where the report goes")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=450,
+        help="seconds the whole run may take; measurements are cut short to fit (default 450)",
+    )
     return parser.parse_args(argv)
 
 
@@ -900,6 +924,10 @@ def run(args: argparse.Namespace) -> int:
             out=out,
             duration=args.duration or (0.5 if args.quick else 2.0),
             cycles=args.cycles or (3 if args.quick else 20),
+            # The budget counts from the first start, before the install.
+            deadline=started + args.budget - (time.time() - float(os.environ[STARTED])),
+            host=host,
+            started=started,
         )
         if args.device == "cuda":
             ready = "CUDAExecutionProvider" in host["providers"] and bool(host["gpus"])
@@ -912,16 +940,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def steps(ctx: Context) -> None:
+    """Steps 1-5, the report rewritten after each, so a host cut short still leaves one."""
     from bench.serving import launch_server
 
     guarded(ctx, "1", lambda: step_providers(ctx))
-    server = launch_server(ctx.repository, ctx.out, timeout=300)
     try:
-        guarded(ctx, "2", lambda: step_outputs(ctx, server.url, server.log()))
-        guarded(ctx, "3", lambda: step_performance(ctx, server))
-        guarded(ctx, "4", lambda: step_metrics(ctx, server))
-    finally:
-        server.stop()
+        server = launch_server(ctx.repository, ctx.out, timeout=300)
+    except Exception as exc:
+        ctx.check("2", "the server started", False, f"{type(exc).__name__}: {exc}"[:2000])
+    else:
+        try:
+            guarded(ctx, "2", lambda: step_outputs(ctx, server.url, server.log()))
+            guarded(ctx, "3", lambda: step_performance(ctx, server))
+            guarded(ctx, "4", lambda: step_metrics(ctx, server))
+        finally:
+            server.stop()
     guarded(ctx, "5", lambda: step_load_unload(ctx))
 
 
@@ -931,6 +964,7 @@ def guarded(ctx: Context, step: str, body: Callable[[], None]) -> None:
         body()
     except Exception as exc:
         ctx.check(step, "step completed", False, f"{type(exc).__name__}: {exc}")
+    write_report(ctx, ctx.host, time.monotonic() - ctx.started)
 
 
 def finish(ctx: Context, host: dict[str, Any], started: float) -> int:
@@ -948,6 +982,7 @@ def main(argv: list[str] | None = None) -> int:
         load_main(int(argv[1]), argv[2], int(argv[3]), float(argv[4]))
         return 0
     args = parse(argv)
+    os.environ.setdefault(STARTED, str(time.time()))
     if not os.environ.get(PREPARED):
         python = sys.executable
         if args.wheels is not None:

@@ -18,7 +18,7 @@ from onnx import helper
 from support import ServerProcess, launch_server
 
 from lockgate.errors import ModelLoadError
-from lockgate.providers import CPU, CUDA, TENSORRT, resolve
+from lockgate.providers import CPU, CUDA, OPENVINO, TENSORRT, resolve
 from lockgate_client._proto import model_config_pb2 as mc
 from models.build import Tensor, write_single
 
@@ -138,12 +138,15 @@ def test_bad_options_are_refused_on_any_host(text: str, message: str) -> None:
             resolve(config(text), gpu, [CUDA, CPU], tensorrt=False)
 
 
-def test_openvino_without_its_provider_is_refused_for_cpu_instances() -> None:
+def test_openvino_is_used_where_present_and_reported_unused_elsewhere() -> None:
     text = (
         'optimization { execution_accelerators { cpu_execution_accelerator { name: "openvino" } } }'
     )
-    with pytest.raises(ModelLoadError, match="onnxruntime-openvino"):
-        resolve(config(text), None, [CUDA, CPU], tensorrt=False)
+    chosen = resolve(config(text), None, [CUDA, CPU], tensorrt=False)
+    assert chosen.providers == [CPU]
+    assert "cpu_execution_accelerator openvino" in chosen.unused[0]
+    openvino = resolve(config(text), None, [OPENVINO, CPU], tensorrt=False)
+    assert openvino.providers == [OPENVINO, CPU]
     # Triton applies CPU accelerators to CPU instances only.
     assert resolve(config(text), 0, [CUDA, CPU], tensorrt=False).providers[-1] == CPU
 
