@@ -519,3 +519,26 @@ def test_a_zipmap_output_says_how_to_export_the_model(tmp_path: Path, config: st
     assert "'output_probability' is a seq(map(int64,tensor(float)))" in message
     assert "zipmap" in message
     assert "batch dimension" not in message
+
+
+# --- client strings are clipped in statuses and logs ------------------------------------------
+
+
+def test_long_client_strings_are_clipped(
+    stub: svc.GRPCInferenceServiceStub, hardened: ServerProcess
+) -> None:
+    """A 20 KB name must not turn NOT_FOUND into RESOURCE_EXHAUSTED (gRPC's metadata limit)."""
+    name, request_id = "m" * 20_000, "i" * 1_000_000
+    request = fp32(id=request_id)
+    request.model_name = name
+    code, message = refused(lambda: stub.ModelInfer(request, timeout=60))
+    assert code == grpc.StatusCode.NOT_FOUND and len(message) < 1000
+    code, message = refused(
+        lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=60)
+    )
+    assert code == grpc.StatusCode.NOT_FOUND and len(message) < 1000
+    answers = list(stub.ModelStreamInfer(iter([request]), timeout=60))
+    assert answers[0].error_message.startswith("[NOT_FOUND]")
+    assert len(answers[0].error_message) < 1000
+    assert_serving(stub)
+    assert max(len(line) for line in hardened.log().splitlines()) < 4000

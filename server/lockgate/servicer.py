@@ -74,7 +74,7 @@ def _status(method: Unary) -> Unary:
             raise
         except Exception as exc:  # a bug of ours: say so, keep serving
             log.exception("internal error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+            await _abort(context, InternalError(f"internal error: {exc}"))
         raise AssertionError("unreachable: abort raises")
 
     return wrapper
