@@ -15,7 +15,7 @@ import sys
 import types
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from lockgate.errors import FAILURE_REASONS
 from lockgate.metrics import METRICS_MAX_CONNECTIONS
+from models.build import build_slow
 
 DURATION_BUCKETS = "0.0005,0.005,0.05,0.5,5"
 BATCH_BUCKETS = "1,2,4,8"
@@ -221,6 +222,34 @@ def test_every_known_version_reports_readiness(
     garbled = {"model": "garbled", "version": "", "state": "UNAVAILABLE"}
     assert value(text, "lockgate_model_ready", **garbled) == 0
     assert value(text, "lockgate_model_ready", model="simple", version="1", state="READY") == 1
+
+
+def test_a_loading_version_reports_not_ready(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """While ``slow`` warms up it is there, at 0 with state LOADING; then 1, READY."""
+    warmup = """
+model_warmup [ { name: "hold" batch_size: 1 count: 40
+  inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 256 ] zero_data: true } } } ]
+"""
+    build_slow(tmp_path, config_extra=warmup)
+    server = start_server(tmp_path, "--model-control-mode", "explicit")
+    seen: set[tuple[str, str, float]] = set()
+    with (
+        grpcclient.InferenceServerClient(server.url) as triton,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        loading = pool.submit(triton.load_model, "slow")
+        while not loading.done():
+            seen |= {
+                (s.labels["version"], s.labels["state"], s.value)
+                for s in samples(scrape(server))
+                if s.name == "lockgate_model_ready" and s.labels["model"] == "slow"
+            }
+        loading.result()
+    assert seen & {("", "LOADING", 0.0), ("1", "LOADING", 0.0)}, seen
+    assert not [s for s in seen if s[1] == "READY" and s[2] != 1], seen
+    assert value(scrape(server), "lockgate_model_ready", model="slow", version="1", state="READY")
 
 
 def test_pending_count_returns_to_zero_after_a_burst(metrics_server: ServerProcess) -> None:

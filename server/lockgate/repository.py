@@ -224,16 +224,8 @@ class ModelRepository:
             if versions:
                 rows += [(name, str(v), s.state) for v, s in versions]
                 continue
-            lock = self._locks.get(name)
-            rows.append(
-                (
-                    name,
-                    "",
-                    ModelState.LOADING
-                    if lock is not None and lock.locked()
-                    else ModelState.UNAVAILABLE,
-                )
-            )
+            state = ModelState.LOADING if entry.loading else ModelState.UNAVAILABLE
+            rows.append((name, "", state))
         return rows
 
     def all_ready(self) -> bool:
