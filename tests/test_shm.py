@@ -11,6 +11,7 @@ leaves anything in /dev/shm.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -937,3 +938,62 @@ def test_model_unload_leaves_regions_alone(
         )
         assert got == grpc.StatusCode.OK, message
         triton.unregister_system_shared_memory(name)
+
+
+# --- several front-end processes ----------------------------------------------------------
+
+
+def _family_maps(server: ServerProcess, key: str) -> list[int]:
+    """Pids among the server's processes (supervisor, engine, front ends) that map ``key``."""
+    pids = [server.process.pid]
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+    pids += [int(p) for p in children.read_text().split()]
+    found = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if f"/dev/shm/{key.lstrip('/')}" in Path(f"/proc/{pid}/maps").read_text():
+                found.append(pid)
+    return found
+
+
+def _until(check: Callable[[], bool], what: str) -> None:
+    """Front ends learn of regions from the engine's next snapshot: wait for it."""
+    deadline = time.monotonic() + 30
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_regions_across_front_end_processes(
+    start_server: Callable[..., ServerProcess], model_repository: Path, regions: Regions
+) -> None:
+    """With --frontends 2 a region registered through one front end serves them all."""
+    server = start_server(model_repository, "--frontends", "2")
+    name, key, handle = regions.create(128 + 64 * 16)
+    a, b = _simple_inputs()
+    shm.set_shared_memory_region(handle, [a, b])
+    with tc.InferenceServerClient(server.url) as triton:
+        triton.register_system_shared_memory(name, key, 128 + 64 * 16)
+    # The engine maps it (and reads inputs from its own mapping), as do the front ends.
+    _until(lambda: len(_family_maps(server, key)) == 3, "engine and both front ends map it")
+    for slot in range(16):  # new connections: spread over both front ends
+        with tc.InferenceServerClient(server.url) as other:
+            _until(
+                lambda o=other: name in o.get_system_shared_memory_status().regions,  # type: ignore[misc]
+                "the region reaches every front end",
+            )
+            inputs = [
+                tc.InferInput("INPUT0", [1, 16], "INT32"),
+                tc.InferInput("INPUT1", [1, 16], "INT32"),
+            ]
+            inputs[0].set_shared_memory(name, 64)
+            inputs[1].set_shared_memory(name, 64, offset=64)
+            outputs = [tc.InferRequestedOutput("OUTPUT0")]
+            outputs[0].set_shared_memory(name, 64, offset=128 + 64 * slot)
+            other.infer("simple", inputs, outputs=outputs)
+            got = shm.get_contents_as_numpy(handle, np.int32, [1, 16], offset=128 + 64 * slot)
+            np.testing.assert_array_equal(got, a + b)
+    with tc.InferenceServerClient(server.url) as triton:
+        triton.unregister_system_shared_memory()
+    _until(lambda: not _family_maps(server, key), "every process unmaps it")
+    assert os.path.exists(f"/dev/shm{key}")

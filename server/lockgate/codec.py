@@ -136,6 +136,7 @@ def _decode(
     arrays: dict[str, Array] = {}
     rows = 1
     raw_index = 0
+    shared_inputs: dict[str, tuple[int, int]] | None = None
     # Names as well as shapes: requests that list inputs in another order, or
     # leave out different optional inputs, must never be merged as equals.
     shape_key: list[tuple[str, tuple[int, ...]]] = []
@@ -179,6 +180,9 @@ def _decode(
                 )
             region = shared_memory.lease(lease, placement.region, f"input '{name}'")
             array = _from_shared_memory(region, placement, name, datatype, shape, limits)
+            if array.base is not None and datatype != "BYTES":  # a view, not a copy
+                shared_inputs = shared_inputs or {}
+                shared_inputs[name] = (region.id, placement.offset)
         elif raw:
             if tensor.HasField("contents"):
                 raise InvalidInputError(
@@ -211,6 +215,7 @@ def _decode(
         outputs=None,
         shape_key=tuple(shape_key),
         request_id=request.id,
+        shared_inputs=shared_inputs,
     )
     if request.parameters:
         decoded.priority = _uint_parameter(request, "priority")

@@ -25,13 +25,14 @@ import numpy as np
 from lockgate import tracing
 from lockgate.config import ServerConfig
 from lockgate.engine import LocalEngine
-from lockgate.errors import LockgateError
+from lockgate.errors import LockgateError, UnsupportedError
 from lockgate.ipc import messages as m
 from lockgate.ipc.slab import RingAllocator, Slab
 from lockgate.lifecycle import Lifecycle
 from lockgate.model import ModelVersion
 from lockgate.repository import ModelRepository
 from lockgate.request import Array, InferRequest
+from lockgate.shm import Lease, SharedMemoryRegistry
 from lockgate_client._proto import grpc_service_pb2 as pb
 
 log = logging.getLogger("lockgate.engine")
@@ -71,6 +72,8 @@ class EngineProcess:
         observer = self.tracer.observe_batch if self.tracer is not None else None
         self.repository = ModelRepository(config, self.lifecycle, observer)
         self.engine = LocalEngine(self.repository)
+        #: The one registry of client regions; front ends mirror it from snapshots.
+        self.shared_memory = SharedMemoryRegistry() if config.shared_memory == "system" else None
         self._peers: dict[bytes, Peer] = {}
         self._dirty: set[bytes] = set()
         self._flush_scheduled = False
@@ -160,6 +163,8 @@ class EngineProcess:
             self.tracer.shutdown()
         for peer in list(self._peers.values()):
             peer.close()
+        if self.shared_memory is not None:
+            self.shared_memory.close()
         log.info("engine stopped")
 
     async def _models_changed(self) -> None:
@@ -183,6 +188,10 @@ class EngineProcess:
             models=[m.ModelEntry(x.name, x.version, configs[id(x)]) for x in models],
             defaults=defaults,
             all_ready=repository.all_ready(),
+            regions=[
+                m.RegionEntry(r.id, r.name, r.key, r.offset, r.byte_size)
+                for r in (self.shared_memory.status("") if self.shared_memory is not None else [])
+            ],
         )
 
     def _config_bytes(self, model: ModelVersion) -> bytes:
@@ -278,13 +287,23 @@ class EngineProcess:
     # --- inference ------------------------------------------------------------------------
 
     def _infer(self, peer: Peer, message: m.Infer) -> None:
+        lease: Lease | None = None
         try:
             model = self.repository.get(message.model, message.version)
+            inputs = {}
+            for tensor in message.inputs:
+                if tensor.region:
+                    lease = lease or Lease()
+                    inputs[tensor.name] = self._region_view(lease, tensor)
+                else:
+                    inputs[tensor.name] = _view(peer.inputs, tensor)
         except LockgateError as exc:
+            if lease is not None:
+                lease.release()
             self._send(peer, m.Error(message.id, type(exc).__name__, exc.message))
             return
         request = InferRequest(
-            inputs={t.name: _view(peer.inputs, t) for t in message.inputs},
+            inputs=inputs,
             rows=message.rows,
             outputs=message.outputs,
             shape_key=tuple(message.shape_key),
@@ -293,12 +312,22 @@ class EngineProcess:
             timeout_us=message.timeout_us,
             deadline=message.deadline,
             arrival_ns=message.arrival_ns,
+            lease=lease,
         )
         if message.trace is not None and self.tracer is not None:
             request.trace = self.tracer.remote_parent(message.trace)
         assert self._loop is not None
         task = self._loop.create_task(self._run(peer, message.id, model, request))
         peer.running[message.id] = (task, request)
+
+    def _region_view(self, lease: Lease, tensor: m.TensorRef) -> Array:
+        """An input in a client's region, viewed through our own mapping of it."""
+        what = f"input '{tensor.name}'"
+        if self.shared_memory is None:
+            raise UnsupportedError(f"{what}: system shared memory is off on this server")
+        region = self.shared_memory.lease_id(lease, tensor.region, what)
+        data = region.view(tensor.offset, tensor.nbytes, what)
+        return data.view(_dtype(tensor.dtype)).reshape(tensor.shape)
 
     async def _run(
         self, peer: Peer, request_id: int, model: ModelVersion, request: InferRequest
@@ -321,6 +350,10 @@ class EngineProcess:
             )
         finally:
             peer.running.pop(request_id, None)
+            if request.lease is not None:
+                # Views first: an unregistered region unmaps with its last lease.
+                request.inputs = {}
+                request.lease.release()
         self._send(peer, reply)
 
     # --- control --------------------------------------------------------------------------
@@ -352,6 +385,18 @@ class EngineProcess:
             finally:
                 self.publish()  # before the reply: its caller then sees the change
             return None
+        if op == "shm_register":
+            try:
+                self._regions().register(args[0], args[1], args[2], args[3])
+            finally:
+                self.publish()  # before the reply: every front end maps it
+            return None
+        if op == "shm_unregister":
+            try:
+                self._regions().unregister(args[0])
+            finally:
+                self.publish()
+            return None
         if op == "unload":
             try:
                 await engine.unload(args[0])
@@ -359,6 +404,11 @@ class EngineProcess:
                 self.publish()
             return None
         raise LockgateError(f"unknown engine operation {op!r}")
+
+    def _regions(self) -> SharedMemoryRegistry:
+        if self.shared_memory is None:
+            raise UnsupportedError("system shared memory is off on this server")
+        return self.shared_memory
 
     def _spawn(self, coroutine: Any) -> None:
         assert self._loop is not None

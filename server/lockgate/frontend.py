@@ -17,8 +17,9 @@ import signal
 from lockgate.config import ServerConfig
 from lockgate.engine import Engine
 from lockgate.ipc.slab import Slab
-from lockgate.remote_engine import RemoteEngine
+from lockgate.remote_engine import EngineRegions, RemoteEngine
 from lockgate.server import LockgateServer
+from lockgate.shm import SharedMemoryRegistry
 
 log = logging.getLogger("lockgate.frontend")
 
@@ -77,6 +78,13 @@ class FrontendServer(LockgateServer):
         await asyncio.wait({started, stopping}, return_when=asyncio.FIRST_COMPLETED)
         started.cancel()
         stopping.cancel()
+
+    def _make_shared_memory(self) -> SharedMemoryRegistry:
+        # The engine holds the one registry; ours follows it (snapshots), so a
+        # region registered through any front end is known to every one.
+        regions = EngineRegions(self.remote)
+        self.remote.regions = regions
+        return regions
 
     def _on_snapshot(self) -> None:
         if self._started:

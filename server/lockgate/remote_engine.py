@@ -35,6 +35,7 @@ from lockgate.ipc.slab import RingAllocator, Slab
 from lockgate.loader import tensor_specs
 from lockgate.model import model_metadata
 from lockgate.request import Array, InferRequest, Outputs
+from lockgate.shm import SharedMemoryRegistry
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import model_config_pb2 as mc
 
@@ -85,6 +86,27 @@ class RemoteModel:
 
     def release(self, outputs: Outputs) -> None:
         self.engine.release(outputs)
+
+
+class EngineRegions(SharedMemoryRegistry):
+    """A front end's shared-memory registry: a mirror of the engine's.
+
+    Register and unregister go to the engine process, which maps the client's
+    object and publishes its regions in the snapshot; every front end maps
+    what the snapshot lists, to check and decode requests. Inputs read from a
+    region travel to the engine as (region id, offset): the engine reads them
+    from its own mapping, so no byte is copied between the client and the batch.
+    """
+
+    def __init__(self, engine: RemoteEngine) -> None:
+        super().__init__()
+        self._engine = engine
+
+    async def add(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        await self._engine.call("shm_register", name, key, offset, byte_size)
+
+    async def remove(self, name: str) -> None:
+        await self._engine.call("shm_unregister", name)
 
 
 #: LockgateError subclasses by name, to raise across the hop what the engine raised.
@@ -138,6 +160,8 @@ class RemoteEngine:
         self._held: dict[int, list[int]] = {}
         self._flush_scheduled = False
         self._models: dict[tuple[str, str], RemoteModel] = {}
+        #: The front end's mirror of the engine's shared-memory regions, if on.
+        self.regions: SharedMemoryRegistry | None = None
         self._defaults: dict[str, RemoteModel] = {}
         self._snapshot: m.Snapshot | None = None
         self._idle: asyncio.Event | None = None
@@ -240,6 +264,10 @@ class RemoteEngine:
         frame = m.encode(self._outbox)
         self._outbox = []
         self._socket.send(frame, copy=False)
+
+    async def call(self, op: str, *args: Any) -> Any:
+        """A control operation in the engine process."""
+        return await self._call(op, *args)
 
     async def _call(self, op: str, *args: Any) -> Any:
         if self.dead:
@@ -346,6 +374,10 @@ class RemoteEngine:
             if (name, version) in models
         }
         self._snapshot = snapshot
+        if self.regions is not None:
+            self.regions.mirror(
+                [(r.id, r.name, r.key, r.offset, r.byte_size) for r in snapshot.regions]
+            )
         if snapshot.started:
             self.started.set()
         if self.on_snapshot is not None:
@@ -419,7 +451,7 @@ class RemoteEngine:
             raise ModelUnavailableError("the engine process is not running; retry")
         assert self._loop is not None
         request_id = next(self._ids)
-        tensors, regions = self._put_inputs(request.inputs)
+        tensors, regions = self._put_inputs(request.inputs, request.shared_inputs)
         trace = request.trace
         message = m.Infer(
             id=request_id,
@@ -453,10 +485,21 @@ class RemoteEngine:
                 self.release(future.result())
             raise
 
-    def _put_inputs(self, inputs: dict[str, Array]) -> tuple[list[m.TensorRef], list[int]]:
+    def _put_inputs(
+        self, inputs: dict[str, Array], shared: dict[str, tuple[int, int]] | None
+    ) -> tuple[list[m.TensorRef], list[int]]:
         tensors = []
         regions = []
         for name, array in inputs.items():
+            if shared is not None and name in shared:
+                # In a client region the engine maps too: a reference, no copy.
+                ident, start = shared[name]
+                tensors.append(
+                    m.TensorRef(
+                        name, array.dtype.str, array.shape, start, array.nbytes, region=ident
+                    )
+                )
+                continue
             if array.dtype == np.object_:
                 tensors.append(m.TensorRef(name, "BYTES", array.shape, data=array.ravel().tolist()))
                 continue

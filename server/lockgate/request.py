@@ -51,5 +51,7 @@ class InferRequest:
     compute_ns: tuple[int, int, int] = (0, 0, 0)
     #: The shared-memory regions the request uses, held until it is answered.
     lease: Lease | None = None
+    #: Inputs that are views of a region: name -> (region id, offset in the region).
+    shared_inputs: dict[str, tuple[int, int]] | None = None
     #: Requested outputs to write into shared memory instead of the response.
     output_placements: dict[str, Placement] | None = None

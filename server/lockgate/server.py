@@ -147,7 +147,9 @@ class LockgateServer:
         #: The servicer's one way to the models.
         self.engine = self._make_engine()
         #: Client regions; owned here so they are unmapped at shutdown, never on unload.
-        self.shared_memory = SharedMemoryRegistry() if config.shared_memory == "system" else None
+        self.shared_memory = (
+            self._make_shared_memory() if config.shared_memory == "system" else None
+        )
         self.health = HealthServicer(config.max_health_watches)
         self.grpc_port = 0
         self._server: grpc.aio.Server | None = None
@@ -158,6 +160,10 @@ class LockgateServer:
         self._started = False
         self._poller: RepositoryPoller | None = None
         self._metrics_server: Any = None
+
+    def _make_shared_memory(self) -> SharedMemoryRegistry:
+        """The registry of client regions (a front end's mirrors the engine's)."""
+        return SharedMemoryRegistry()
 
     async def start(self) -> None:
         """Bind, load models, and report ready.

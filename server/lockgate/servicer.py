@@ -358,14 +358,14 @@ class Servicer(service.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest, context: Context
     ) -> Any:
-        self._regions().register(request.name, request.key, request.offset, request.byte_size)
+        await self._regions().add(request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     @_status
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
     ) -> Any:
-        self._regions().unregister(request.name)
+        await self._regions().remove(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     # --- not implemented -----------------------------------------------------------

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
+import logging
 import mmap
 import os
 import stat
@@ -36,10 +38,13 @@ import numpy.typing as npt
 from lockgate.errors import (
     AlreadyExistsError,
     InvalidInputError,
+    LockgateError,
     RegionNotFoundError,
     TooManyRegionsError,
     clip,
 )
+
+log = logging.getLogger("lockgate.shm")
 
 #: Where Linux keeps POSIX shared-memory objects: shm_open("/k") opens /dev/shm/k.
 SHM_DIR = "/dev/shm"
@@ -77,7 +82,10 @@ def check_key(key: str) -> str:
 class Region:
     """One registered region: its mapping, file descriptor and leases."""
 
-    def __init__(self, name: str, key: str, offset: int, byte_size: int) -> None:
+    def __init__(self, name: str, key: str, offset: int, byte_size: int, ident: int = 0) -> None:
+        #: Unique per registration in the registry that made it (front ends
+        #: name the engine's regions by it: a name may be registered again).
+        self.id = ident
         self.name = name
         self.key = key
         self.offset = offset
@@ -242,9 +250,22 @@ class SharedMemoryRegistry:
 
     def __init__(self, max_regions: int = MAX_REGIONS) -> None:
         self._regions: dict[str, Region] = {}
+        self._by_id: dict[int, Region] = {}
+        self._ids = itertools.count(1)
         self._max_regions = max_regions
 
-    def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
+    # The RPCs' entry points: a front-end process (``--frontends N``) overrides
+    # them to register in the engine process, which holds the one registry.
+
+    async def add(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        """SystemSharedMemoryRegister."""
+        self.register(name, key, offset, byte_size)
+
+    async def remove(self, name: str) -> None:
+        """SystemSharedMemoryUnregister."""
+        self.unregister(name)
+
+    def register(self, name: str, key: str, offset: int, byte_size: int, ident: int = 0) -> Region:
         """Map ``byte_size`` bytes of ``key`` from ``offset`` under ``name``."""
         if not name:
             raise InvalidInputError("shared memory region name is empty")
@@ -264,8 +285,9 @@ class SharedMemoryRegistry:
                 f"cannot register shared memory region '{name}': the server holds "
                 f"{self._max_regions} regions already; unregister some"
             )
-        region = Region(name, key, offset, byte_size)
+        region = Region(name, key, offset, byte_size, ident or next(self._ids))
         self._regions[name] = region
+        self._by_id[region.id] = region
         return region
 
     def status(self, name: str) -> list[Region]:
@@ -283,6 +305,7 @@ class SharedMemoryRegistry:
         for each in names:
             region = self._regions.pop(each, None)
             if region is not None:
+                del self._by_id[region.id]
                 region.unregister()
 
     def lease(self, lease: Lease, name: str, tensor: str) -> Region:
@@ -297,6 +320,33 @@ class SharedMemoryRegistry:
                 "(SystemSharedMemoryRegister it first)"
             )
         return lease.add(region, tensor)
+
+    def lease_id(self, lease: Lease, ident: int, tensor: str) -> Region:
+        """Add the region registered as ``ident`` to ``lease``; NOT_FOUND if it is gone."""
+        region = self._by_id.get(ident)
+        if region is None:
+            raise RegionNotFoundError(
+                f"{tensor}: its shared memory region was unregistered before the request ran"
+            )
+        return lease.add(region, tensor)
+
+    def mirror(self, entries: list[tuple[int, str, str, int, int]]) -> None:
+        """Become a copy of another registry: (id, name, key, offset, byte_size) each.
+
+        A front end keeps the engine's regions mapped too, to check and decode
+        requests; a region it cannot map stays unknown here (NOT_FOUND).
+        """
+        wanted = {name: ident for ident, name, _, _, _ in entries}
+        for name, region in list(self._regions.items()):
+            if wanted.get(name) != region.id:
+                self.unregister(name)
+        for ident, name, key, offset, byte_size in entries:
+            if name in self._regions:
+                continue
+            try:
+                self.register(name, key, offset, byte_size, ident)
+            except LockgateError as exc:
+                log.warning("cannot map shared memory region '%s': %s", clip(name), exc.message)
 
     def close(self) -> None:
         """At shutdown: unregister everything (requests still running keep theirs)."""

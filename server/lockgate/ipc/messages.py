@@ -26,6 +26,9 @@ class TensorRef(msgspec.Struct, array_like=True, omit_defaults=True):
     nbytes: int = 0
     #: Bytes inline (slab full), or the elements of a BYTES tensor.
     data: bytes | list[Any] | None = None
+    #: Nonzero: the bytes are in the client's shared-memory region of this id
+    #: (the engine's registry), ``offset`` from the region's start.
+    region: int = 0
 
 
 # --- front end → engine ----------------------------------------------------------------
@@ -127,6 +130,16 @@ class ModelEntry(msgspec.Struct, array_like=True):
     config: bytes
 
 
+class RegionEntry(msgspec.Struct, array_like=True):
+    """A registered system shared-memory region (``SystemSharedMemoryRegister``)."""
+
+    id: int
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+
+
 class Snapshot(msgspec.Struct, tag=13, array_like=True):
     """What the repository looks like now; published whenever it changes."""
 
@@ -140,6 +153,8 @@ class Snapshot(msgspec.Struct, tag=13, array_like=True):
     defaults: dict[str, str]
     #: Every known model has a ready version (for strict readiness).
     all_ready: bool
+    #: The registered shared-memory regions (front ends mirror them).
+    regions: list[RegionEntry] = msgspec.field(default_factory=list)
 
 
 ToEngine = Hello | Infer | Cancel | Release | Failed | Call
