@@ -769,6 +769,82 @@ def build_digits(repo: Path, *, force: bool = False) -> Path:
     return model_dir
 
 
+# --------------------------------------------------------------------------- sequences
+
+#: control_input blocks of the accumulator: START and READY as INT32 0/1.
+ACCUMULATOR_CONTROLS: Final = (
+    '    { name: "START"\n'
+    "      control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] },\n"
+    '    { name: "READY"\n'
+    "      control [ { kind: CONTROL_SEQUENCE_READY int32_false_true: [ 0, 1 ] } ] }"
+)
+
+
+def accumulator_onnx(name: str) -> bytes:
+    """OUTPUT = ACC_IN * (1 - START) + INPUT * READY; ACC_OUT = OUTPUT (INT32 [batch, 1]).
+
+    START and READY are control inputs, ACC_IN/ACC_OUT the implicit state: the
+    server feeds the first two and carries the state from one request of a
+    sequence to the next.
+    """
+    tensors = [Tensor(n, "TYPE_INT32", (1,)) for n in ("INPUT", "START", "READY", "ACC_IN")]
+    outputs = [Tensor("OUTPUT", "TYPE_INT32", (1,)), Tensor("ACC_OUT", "TYPE_INT32", (1,))]
+    nodes = [
+        helper.make_node("Sub", ["one", "START"], ["keep"]),
+        helper.make_node("Mul", ["ACC_IN", "keep"], ["carried"]),
+        helper.make_node("Mul", ["INPUT", "READY"], ["added"]),
+        helper.make_node("Add", ["carried", "added"], ["OUTPUT"]),
+        helper.make_node("Identity", ["OUTPUT"], ["ACC_OUT"]),
+    ]
+    return model_bytes(
+        name,
+        nodes,
+        tensors,
+        outputs,
+        batched=True,
+        initializers=[_const("one", np.array(1, np.int32))],
+    )
+
+
+def accumulator_config(
+    name: str,
+    *,
+    strategy: str = "direct { }",
+    idle_us: int = 5_000_000,
+    controls: str = ACCUMULATOR_CONTROLS,
+) -> str:
+    """The accumulator's config.pbtxt: INPUT/OUTPUT for clients, the rest sequence_batching."""
+    return (
+        CONFIG_HEADER
+        + f'name: "{name}"\n'
+        + f'platform: "{PLATFORM}"\n'
+        + "max_batch_size: 8\n"
+        + 'input [ { name: "INPUT" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+        + 'output [ { name: "OUTPUT" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+        + "sequence_batching {\n"
+        + f"  max_sequence_idle_microseconds: {idle_us}\n"
+        + f"  {strategy}\n"
+        + f"  control_input [\n{controls}\n  ]\n"
+        + '  state [ { input_name: "ACC_IN" output_name: "ACC_OUT" '
+        + "data_type: TYPE_INT32 dims: [ 1 ] } ]\n"
+        + "}\n"
+        + f"{INSTANCE_GROUP}\n"
+    )
+
+
+def build_accumulator(repo: Path, *, force: bool = False) -> Path:
+    """``accumulator``: a stateful ONNX model for Triton's sequence batcher (implicit state).
+
+    Each request of a sequence adds its INPUT to the running sum, which the
+    server keeps between requests as the model's ACC_IN/ACC_OUT state; what
+    NVIDIA's ``simple_grpc_sequence_*_client.py`` examples do against Triton.
+    """
+    name = "accumulator"
+    return write_model(
+        repo, name, accumulator_config(name), {1: accumulator_onnx(name)}, force=force
+    )
+
+
 # --------------------------------------------------------------------------- repository
 
 
@@ -784,6 +860,7 @@ EXAMPLE_BUILDERS: Final[tuple[Builder, ...]] = (
     build_mlp,
     build_image_classifier,
     build_digits,
+    build_accumulator,
 )
 #: Heavy models for GPU hosts, left out of the default repository.
 GPU_BUILDERS: Final[tuple[Builder, ...]] = (build_resnet50, build_resnet50_fp16)

@@ -296,7 +296,10 @@ def _invalid(text: str) -> mc.ModelConfig:
     ("config", "fragment"),
     [
         (_invalid("max_batch_size: -1"), "max_batch_size"),
-        (_invalid("max_batch_size: 4\nsequence_batching {}"), "sequence_batching"),
+        (
+            _invalid("max_batch_size: 4\nsequence_batching {}\nresponse_cache { enable: true }"),
+            "response_cache cannot be used with sequence_batching",
+        ),
         (_invalid("max_batch_size: 4\nensemble_scheduling {}"), "ensemble_scheduling"),
         (_invalid("model_transaction_policy { decoupled: true }"), "decoupled"),
         (_invalid("dynamic_batching {}"), "max_batch_size > 0"),

@@ -34,6 +34,7 @@ EXAMPLE_MODELS = {
     "digits",
     "digits_preprocess",
     "digits_classifier",
+    "accumulator",
 }
 TEST_MODELS = {"slow", "gather_fail", "autocomplete", "versioned", "broken", "nobatch"}
 
@@ -103,7 +104,10 @@ def test_configs_parse_and_match_models(repo: Path) -> None:
         if model_dir.name == "broken":
             continue
         onnx_inputs = {i.name: i for i in session(repo, model_dir.name).get_inputs()}
-        assert {i.name for i in config.input} == set(onnx_inputs)
+        # Sequence models: control and state inputs are fed by the server, not listed.
+        hidden = {c.name for c in config.sequence_batching.control_input}
+        hidden |= {t.input_name for t in config.sequence_batching.state}
+        assert {i.name for i in config.input} == set(onnx_inputs) - hidden
         for tensor in config.input:
             shape = onnx_inputs[tensor.name].shape
             batch = ["batch"] if config.max_batch_size > 0 else []

@@ -220,7 +220,37 @@ def _decode(
     if request.parameters:
         decoded.priority = _uint_parameter(request, "priority")
         decoded.timeout_us = _uint_parameter(request, "timeout")
+        if "sequence_id" in request.parameters:
+            decoded.correlation_id = _correlation_id(request)
+            decoded.sequence_start = _bool_parameter(request, "sequence_start")
+            decoded.sequence_end = _bool_parameter(request, "sequence_end")
     return decoded
+
+
+def _correlation_id(request: pb.ModelInferRequest) -> int | str:
+    """Triton's ``sequence_id``: an unsigned integer, or a string."""
+    value = request.parameters["sequence_id"]
+    kind = value.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "uint64_param"):
+        number = int(getattr(value, kind))
+        if number < 0:
+            raise InvalidInputError(f"parameter 'sequence_id' must not be negative, got {number}")
+        return number
+    if kind == "string_param":
+        return str(value.string_param)
+    raise InvalidInputError(
+        f"parameter 'sequence_id' must be an integer or a string, got {kind or 'nothing'}"
+    )
+
+
+def _bool_parameter(request: pb.ModelInferRequest, key: str) -> bool:
+    if key not in request.parameters:
+        return False
+    value = request.parameters[key]
+    kind = value.WhichOneof("parameter_choice")
+    if kind != "bool_param":
+        raise InvalidInputError(f"parameter '{key}' must be a bool, got {kind or 'nothing'}")
+    return bool(value.bool_param)
 
 
 def _uint_parameter(request: pb.ModelInferRequest, key: str) -> int:

@@ -525,8 +525,11 @@ def validate_config(config: mc.ModelConfig) -> None:
     if config.max_batch_size < 0:
         raise ModelLoadError(f"model '{name}': max_batch_size must be >= 0")
     scheduling = config.WhichOneof("scheduling_choice")
-    if scheduling == "sequence_batching":
-        raise ModelLoadError(f"model '{name}': {scheduling} is not supported by Lockgate")
+    if scheduling == "sequence_batching" and config.response_cache.enable:
+        # A stateful model's answer depends on the sequence, not only the inputs.
+        raise ModelLoadError(
+            f"model '{name}': response_cache cannot be used with sequence_batching"
+        )
     if (scheduling == "ensemble_scheduling") != (config.platform == "ensemble"):
         raise ModelLoadError(
             f"model '{name}': ensemble_scheduling and platform \"ensemble\" go together"

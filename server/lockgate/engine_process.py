@@ -313,6 +313,9 @@ class EngineProcess:
             deadline=message.deadline,
             arrival_ns=message.arrival_ns,
             lease=lease,
+            correlation_id=message.correlation_id,
+            sequence_start=message.sequence_start,
+            sequence_end=message.sequence_end,
         )
         if message.trace is not None and self.tracer is not None:
             request.trace = self.tracer.remote_parent(message.trace)

@@ -17,7 +17,13 @@ import numpy as np
 from lockgate.batcher import BatchObserver, Scheduler
 from lockgate.cache import ResponseCache
 from lockgate.codec import TensorSpec
-from lockgate.config import ServerConfig, complete_config, not_a_tensor, validate_config
+from lockgate.config import (
+    ORT_TO_CONFIG,
+    ServerConfig,
+    complete_config,
+    not_a_tensor,
+    validate_config,
+)
 from lockgate.ensemble import (
     EnsembleScheduler,
     Resolve,
@@ -31,6 +37,13 @@ from lockgate.lifecycle import Lifecycle
 from lockgate.model import ModelVersion
 from lockgate.reshape import Reshaper
 from lockgate.runner import Runner, plan_instances
+from lockgate.sequence import (
+    SequenceScheduler,
+    batching_view,
+    controls_of,
+    hidden_tensors,
+    states_of,
+)
 from lockgate.stats import ModelStats
 from lockgate_client._proto import model_config_pb2 as mc
 from lockgate_client.datatypes import CONFIG_TO_WIRE, WIRE_DTYPES
@@ -62,8 +75,18 @@ def load_version(
     validate_config(config)
     placements = plan_instances(config)
     first = Runner(path, config, placements[0])
-    complete_config(config, name, first.inputs, first.outputs, server.default_max_batch_size)
+    # Control and state tensors are the server's to feed and keep, never the client's.
+    hidden_in, hidden_out = hidden_tensors(config)
+    complete_config(
+        config,
+        name,
+        [t for t in first.inputs if t.name not in hidden_in],
+        [t for t in first.outputs if t.name not in hidden_out],
+        server.default_max_batch_size,
+    )
     validate_config(config)
+    if config.HasField("sequence_batching"):
+        _check_sequence_tensors(config, first)
     _check_batch_dims(config, first)
     # Instance planning may change once max_batch_size is known; re-plan.
     placements = plan_instances(config)
@@ -87,7 +110,7 @@ def load_version(
         version=str(version),
         config=config,
         runners=runners,
-        scheduler=Scheduler(config, runners, stats, observer),
+        scheduler=_scheduler(config, runners, stats, observer),
         stats=stats,
         inputs=inputs,
         outputs=outputs,
@@ -196,6 +219,53 @@ def warmup(model: ModelVersion) -> None:
                     raise ModelLoadError(
                         f"model '{model.name}': warmup '{sample.name}' failed: {exc.message}"
                     ) from None
+
+
+def _scheduler(
+    config: mc.ModelConfig,
+    runners: list[Runner],
+    stats: ModelStats,
+    observer: BatchObserver | None,
+) -> Scheduler | SequenceScheduler:
+    if not config.HasField("sequence_batching"):
+        return Scheduler(config, runners, stats, observer)
+    return SequenceScheduler(config, Scheduler(batching_view(config), runners, stats, observer))
+
+
+def _check_sequence_tensors(config: mc.ModelConfig, runner: Runner) -> None:
+    """Every control and state names a tensor of the ONNX model, of the right type."""
+    name = config.name
+    onnx_inputs = {t.name: t for t in runner.inputs}
+    onnx_outputs = {t.name: t for t in runner.outputs}
+    declared = {t.name for t in config.input} | {t.name for t in config.output}
+    wanted: list[tuple[str, str, str, object]] = []
+    for control in controls_of(config):
+        wanted.append(("control input", control.name, "input", control.dtype))
+    for state in states_of(config):
+        wanted.append((f"state '{state.input_name}' input", state.input_name, "input", state.dtype))
+        wanted.append(
+            (f"state '{state.input_name}' output", state.output_name, "output", state.dtype)
+        )
+    for what, tensor, kind, dtype in wanted:
+        if tensor in declared:
+            raise ModelLoadError(
+                f"model '{name}': {what} '{tensor}' is also listed as a model {kind}; the "
+                "server feeds it, so leave it out of input/output"
+            )
+        onnx = (onnx_inputs if kind == "input" else onnx_outputs).get(tensor)
+        if onnx is None:
+            have = sorted(onnx_inputs if kind == "input" else onnx_outputs)
+            raise ModelLoadError(
+                f"model '{name}': {what} '{tensor}' is not an {kind} of the ONNX model, "
+                f"which has {have}"
+            )
+        onnx_type = mc.DataType.Name(ORT_TO_CONFIG.get(onnx.ort_type, mc.TYPE_INVALID))
+        want = WIRE_DTYPES[CONFIG_TO_WIRE[onnx_type]] if onnx_type in CONFIG_TO_WIRE else None
+        if want != dtype:
+            raise ModelLoadError(
+                f"model '{name}': {what} '{tensor}' is {onnx.ort_type} in the ONNX model, "
+                f"but the config gives {dtype}"
+            )
 
 
 def _model_cache(config: mc.ModelConfig, cache: ResponseCache | None) -> ResponseCache | None:

@@ -19,6 +19,7 @@ from lockgate.errors import LockgateError
 from lockgate.lifecycle import Lifecycle
 from lockgate.request import InferRequest, Outputs
 from lockgate.runner import Runner
+from lockgate.sequence import SequenceScheduler
 from lockgate.stats import ModelStats
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import model_config_pb2 as mc
@@ -47,7 +48,7 @@ class ModelVersion:
     config: mc.ModelConfig
     runners: list[Runner]
     #: The batcher; for an ensemble, the scheduler that runs its steps.
-    scheduler: Scheduler | EnsembleScheduler
+    scheduler: Scheduler | EnsembleScheduler | SequenceScheduler
     stats: ModelStats
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]

@@ -467,6 +467,9 @@ class RemoteEngine:
             deadline=request.deadline,
             arrival_ns=request.arrival_ns,
             trace=trace.parent_ids() if trace is not None else None,
+            correlation_id=request.correlation_id,
+            sequence_start=request.sequence_start,
+            sequence_end=request.sequence_end,
         )
         future: asyncio.Future[Outputs] = self._loop.create_future()
         pending = _Pending(future, regions, request)

@@ -47,6 +47,11 @@ class InferRequest:
     dequeue_ns: int = 0
     #: Position in arrival order (set by the scheduler; used for ordering).
     sequence: int = field(default=0)
+    #: Sequence batching: the ``sequence_id`` parameter (None when absent) and
+    #: the ``sequence_start``/``sequence_end`` flags.
+    correlation_id: int | str | None = None
+    sequence_start: bool = False
+    sequence_end: bool = False
     #: Compute input/infer/output ns of the batch that served it.
     compute_ns: tuple[int, int, int] = (0, 0, 0)
     #: The shared-memory regions the request uses, held until it is answered.

@@ -63,6 +63,10 @@ class Infer(msgspec.Struct, tag=2, array_like=True, omit_defaults=True):
     arrival_ns: int = 0
     #: W3C trace parent of the front end's server span: (trace id, span id, flags).
     trace: tuple[bytes, int, int] | None = None
+    #: Sequence batching: correlation ID and the start/end flags.
+    correlation_id: int | str | None = None
+    sequence_start: bool = False
+    sequence_end: bool = False
 
 
 class Cancel(msgspec.Struct, tag=3, array_like=True):
