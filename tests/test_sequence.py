@@ -279,3 +279,30 @@ def test_bad_sequence_configs_are_refused_at_load(client: tc.InferenceServerClie
     assert index["bad_control"].state == "UNAVAILABLE"
     assert "control input 'IS_READY'" in index["bad_control"].reason
     assert index["accumulator"].state == "READY"
+
+
+def test_sequences_and_ensembles_across_front_ends(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """With --frontends 2 the state lives in the engine: each request of a
+    sequence may reach any front end, and ensembles run their steps there too."""
+    from models.build import build_digits
+
+    build_accumulator(tmp_path)
+    build_digits(tmp_path)
+    proc = start_server(tmp_path, "--frontends", "2")
+    clients = [tc.InferenceServerClient(proc.url) for _ in range(3)]
+    try:
+        last = len(VALUES) - 1
+        sums = [
+            int(_value(_send(clients[i % 3], "accumulator", 7000, v, i == 0, i == last)))
+            for i, v in enumerate(VALUES)
+        ]
+        assert sums == _expected(VALUES)
+        pixels = tc.InferInput("PIXELS", [2, 64], "UINT8")
+        pixels.set_data_from_numpy(np.arange(128, dtype=np.uint8).reshape(2, 64))
+        label = clients[0].infer("digits", [pixels]).as_numpy("LABEL")
+        assert label is not None and label.shape == (2, 1)
+    finally:
+        for client in clients:
+            client.close()
