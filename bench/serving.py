@@ -95,6 +95,7 @@ def launch_server(
     env: dict[str, str] | None = None,
     wait: bool = True,
     timeout: float = 60.0,
+    frontends: int = 1,
 ) -> ServerProcess:
     """Start ``lockgate serve`` on free loopback ports; by default wait until ready.
 
@@ -102,6 +103,7 @@ def launch_server(
     is None). Readiness is not strict unless ``--strict-readiness`` is in
     ``extra``: the test repository holds a deliberately broken model, and
     strict readiness would keep such a server NOT_SERVING forever.
+    ``frontends`` above 1 adds ``--frontends N`` (unless ``extra`` has one).
     """
     grpc_port = grpc_port or free_port()
     metrics_port = free_port()
@@ -110,6 +112,7 @@ def launch_server(
         *("--host", "127.0.0.1", "--grpc-port", str(grpc_port)),
         *("--metrics-port", str(metrics_port)),
         *([] if "--strict-readiness" in extra else ["--no-strict-readiness"]),
+        *([] if frontends == 1 or "--frontends" in extra else ["--frontends", str(frontends)]),
         *extra,
     ]
     log_path = None if log_dir is None else log_dir / f"server-{grpc_port}.log"

@@ -39,6 +39,9 @@ from models.build import (
     build_slow,
 )
 
+#: Every test here runs against a single-process server and one with two front ends.
+pytestmark = pytest.mark.frontends(1, 2)
+
 #: A queue delay that outlasts any test: only a preferred size makes a batch run.
 MINUTE_DELAY = "max_queue_delay_microseconds: 60000000"
 #: A batch runs exactly when 8 rows are queued.
@@ -99,10 +102,13 @@ def build_models(repo: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def batching_server(
+    tmp_path_factory: pytest.TempPathFactory, frontends: int
+) -> Iterator[ServerProcess]:
     repo = tmp_path_factory.mktemp("batching-repo")
     build_models(repo)
-    proc = launch_server(repo, tmp_path_factory.mktemp("batching-logs"), "--drain-seconds", "5")
+    logs = tmp_path_factory.mktemp("batching-logs")
+    proc = launch_server(repo, logs, "--drain-seconds", "5", frontends=frontends)
     yield proc
     assert proc.stop() == 0
 

@@ -39,6 +39,9 @@ from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import inference_service_pb2_grpc as svc
 from models.build import build_broken, build_simple, build_slow, build_versions
 
+#: Every test here runs against a single-process server and one with two front ends.
+pytestmark = pytest.mark.frontends(1, 2)
+
 StartServer = Callable[..., ServerProcess]
 
 #: Bound on every wait for the server; reaching it is a failure, never a pass.

@@ -31,6 +31,9 @@ from lockgate.errors import FAILURE_REASONS
 from lockgate.metrics import METRICS_MAX_CONNECTIONS
 from models.build import build_slow
 
+#: Every test here runs against a single-process server and one with two front ends.
+pytestmark = pytest.mark.frontends(1, 2)
+
 DURATION_BUCKETS = "0.0005,0.005,0.05,0.5,5"
 BATCH_BUCKETS = "1,2,4,8"
 HISTOGRAMS = (
@@ -53,7 +56,7 @@ TRITON_COUNTERS = (
 
 @pytest.fixture(scope="module")
 def metrics_server(
-    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory, frontends: int
 ) -> Iterator[ServerProcess]:
     proc = launch_server(
         model_repository,
@@ -62,6 +65,7 @@ def metrics_server(
         DURATION_BUCKETS,
         "--batch-size-buckets",
         BATCH_BUCKETS,
+        frontends=frontends,
     )
     yield proc
     proc.stop()

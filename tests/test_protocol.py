@@ -13,6 +13,9 @@ import tritonclient.grpc as tc
 from support import simple_inputs
 from tritonclient.utils import InferenceServerException
 
+#: Every test here runs against a single-process server and one with two front ends.
+pytestmark = pytest.mark.frontends(1, 2)
+
 Array = npt.NDArray[Any]
 
 

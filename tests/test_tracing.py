@@ -32,6 +32,9 @@ from lockgate.request import InferRequest
 from lockgate.stats import ModelStats
 from lockgate_client._proto import grpc_service_pb2 as pb
 
+#: Every test here runs against a single-process server and one with two front ends.
+pytestmark = pytest.mark.frontends(1, 2)
+
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"
 

@@ -93,6 +93,7 @@ class EngineProcess:
 
         loop = self._loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._on_signal)
+        loop.add_signal_handler(signal.SIGUSR1, self._on_drain)
         # A missing path, or two models under one name: the server does not start.
         self.repository.check_locations()
         self.repository.check_names()
@@ -109,7 +110,8 @@ class EngineProcess:
         await self._load_models()
         self._started = True
         self.publish()
-        if self.config.model_control_mode == "poll" and not self._stopping.is_set():
+        draining = self._stopping.is_set() or self.lifecycle.loads_abandoned.is_set()
+        if self.config.model_control_mode == "poll" and not draining:
             from lockgate.poller import RepositoryPoller
 
             self._poller = RepositoryPoller(
@@ -120,6 +122,16 @@ class EngineProcess:
         await self._drain()
         reader.cancel()
         socket.close(linger=0)
+
+    def _on_drain(self) -> None:
+        """The front ends began draining (SIGUSR1 from the supervisor).
+
+        Requests they accepted still come; but the repository must no longer
+        change under the drain, and loads under way give up.
+        """
+        self.lifecycle.loads_abandoned.set()
+        if self._poller is not None:
+            self._poller.stop()
 
     def _on_signal(self) -> None:
         if self._stopping.is_set():
@@ -347,6 +359,7 @@ class EngineProcess:
         else:
             reply = m.Result(
                 request_id,
+                model.version,
                 [_put(peer, name, array) for name, array in outputs.items()],
                 request.dequeue_ns,
                 request.compute_ns,

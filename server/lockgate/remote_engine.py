@@ -16,6 +16,7 @@ If the engine process exits, every waiting call fails UNAVAILABLE at once
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -56,6 +57,9 @@ class RemoteModel:
     output_order: list[str]
     output_datatypes: dict[str, str]
     limits: Limits
+    #: The caller named this version; False for a model's default, which the
+    #: engine resolves again (a newer version may have taken over meanwhile).
+    pinned: bool = True
 
     @classmethod
     def from_entry(cls, engine: RemoteEngine, entry: m.ModelEntry) -> RemoteModel:
@@ -326,6 +330,7 @@ class RemoteEngine:
         request = pending.request
         request.dequeue_ns = message.dequeue_ns
         request.compute_ns = message.compute_ns
+        request.served_version = message.version
         outputs = {t.name: self._array(t) for t in message.outputs}
         if regions:
             # Views of our outputs slab: held until the servicer has encoded them.
@@ -369,7 +374,7 @@ class RemoteEngine:
         models = {(e.name, e.version): RemoteModel.from_entry(self, e) for e in snapshot.models}
         self._models = models
         self._defaults = {
-            name: models[(name, version)]
+            name: dataclasses.replace(models[(name, version)], pinned=False)
             for name, version in snapshot.defaults.items()
             if (name, version) in models
         }
@@ -456,7 +461,7 @@ class RemoteEngine:
         message = m.Infer(
             id=request_id,
             model=model.name,
-            version=model.version,
+            version=model.version if model.pinned else "",
             inputs=tensors,
             rows=request.rows,
             shape_key=list(request.shape_key),

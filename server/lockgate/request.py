@@ -60,3 +60,6 @@ class InferRequest:
     shared_inputs: dict[str, tuple[int, int]] | None = None
     #: Requested outputs to write into shared memory instead of the response.
     output_placements: dict[str, Placement] | None = None
+    #: The version that ran it, when not the one it was decoded against: a
+    #: front end's request for a model's default version while a new one took over.
+    served_version: str = ""

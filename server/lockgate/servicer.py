@@ -181,7 +181,7 @@ class Servicer(service.GRPCInferenceServiceServicer):
                 encode = functools.partial(
                     encode_response,
                     model.name,
-                    model.version,
+                    decoded.served_version or model.version,
                     decoded.request_id,
                     outputs,
                     model.output_datatypes,

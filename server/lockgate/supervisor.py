@@ -157,7 +157,9 @@ class Supervisor:
         if self._signals == 1:
             log.info("%s: draining the front ends, then the engine", signal.Signals(signum).name)
         else:
-            log.warning("second %s: killing every process", signal.Signals(signum).name)
+            log.warning(
+                "second %s: exiting now, killing every process", signal.Signals(signum).name
+            )
             self._kill_all()
             remove_slabs(self.prefix)
             shutil.rmtree(self._rundir, ignore_errors=True)
@@ -251,6 +253,9 @@ class Supervisor:
     def _stop(self) -> None:
         """Front ends drain first (they need the engine to finish), then the engine."""
         limit = self.config.drain_seconds + 10.0
+        engine = self._engine
+        if engine is not None and engine.exitcode is None and engine.pid is not None:
+            os.kill(engine.pid, signal.SIGUSR1)  # no more polling or loads under the drain
         frontends = [f.process for f in self._frontends if f.process is not None]
         for process in frontends:
             if process.exitcode is None and process.pid is not None:
@@ -259,7 +264,6 @@ class Supervisor:
             process.join(limit)
             if process.exitcode not in (0, None):
                 self._status = 1
-        engine = self._engine
         if engine is not None and engine.exitcode is None and engine.pid is not None:
             os.kill(engine.pid, signal.SIGTERM)
             engine.join(limit)

@@ -50,6 +50,7 @@ class Infer(msgspec.Struct, tag=2, array_like=True, omit_defaults=True):
 
     id: int
     model: str
+    #: "" for the model's default version: the engine's current one serves it.
     version: str
     inputs: list[TensorRef]
     rows: int
@@ -105,6 +106,8 @@ class Result(msgspec.Struct, tag=10, array_like=True, omit_defaults=True):
     """Request ``id`` ran: its outputs (in the front end's outputs slab) and timings."""
 
     id: int
+    #: The version that ran it (the default may have changed since the front end looked).
+    version: str
     outputs: list[TensorRef]
     dequeue_ns: int = 0
     compute_ns: tuple[int, int, int] = (0, 0, 0)
