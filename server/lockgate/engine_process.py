@@ -94,6 +94,10 @@ class EngineProcess:
         loop = self._loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._on_signal)
         loop.add_signal_handler(signal.SIGUSR1, self._on_drain)
+        from lockgate.supervisor import EARLY_SIGTERM
+
+        if EARLY_SIGTERM.is_set():
+            self._on_signal()
         # A missing path, or two models under one name: the server does not start.
         self.repository.check_locations()
         self.repository.check_names()

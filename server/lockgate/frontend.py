@@ -68,6 +68,10 @@ class FrontendServer(LockgateServer):
         return self.remote
 
     async def _start_engine(self) -> None:
+        from lockgate.supervisor import EARLY_SIGTERM
+
+        if EARLY_SIGTERM.is_set():
+            self.request_stop()
         remote = self.remote
         await remote.connect()
         remote.watch_engine(self._engine_pid)

@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -45,6 +46,9 @@ BACKOFF_RESET_S = 30.0
 EXIT_CANNOT_START = 78
 
 PR_SET_PDEATHSIG = 1
+
+#: A child got SIGTERM before its event loop could handle it: stop once started.
+EARLY_SIGTERM = threading.Event()
 
 
 def set_title(role: str) -> None:
@@ -74,6 +78,9 @@ def become_child(role: str, config: ServerConfig, supervisor_pid: int) -> None:
         os._exit(1)
     # Ctrl-C signals the whole process group; the supervisor orders the drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Until the child's own handler is in place (a front end restarted just as
+    # the drain began), SIGTERM is remembered rather than fatal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: EARLY_SIGTERM.set())
     set_title(role)
     from lockgate.allocator import tune_malloc
     from lockgate.logs import configure_logging
@@ -262,7 +269,9 @@ class Supervisor:
                 os.kill(process.pid, signal.SIGTERM)
         for process in frontends:
             process.join(limit)
-            if process.exitcode not in (0, None):
+            # Killed by the SIGTERM itself: a front end still starting (no
+            # handler yet), which had accepted nothing: a clean stop too.
+            if process.exitcode not in (0, None, -signal.SIGTERM):
                 self._status = 1
         if engine is not None and engine.exitcode is None and engine.pid is not None:
             os.kill(engine.pid, signal.SIGTERM)
