@@ -3,12 +3,14 @@
 For each point (``image_classifier`` at 16 callers, ``mlp`` at 32) the same
 server is driven alternately with inputs and outputs in the request and
 reply ("bytes") and in registered POSIX shared-memory regions ("shm"),
-``--rounds`` times; each figure is the median over rounds. The load comes
+``--rounds`` times; each figure is the median over rounds, each ratio the median of the rounds'
+ratios. The load comes
 from NVIDIA's ``perf_analyzer`` (``--shared-memory none|system``) where it
 starts on this machine, else from bench/run.py's closed-loop generator with
 pre-serialized requests (in shm mode each names its input and output in a
 region registered here). Mean batch sizes come from the server's statistics;
-in-process ONNX Runtime is measured at the batch size the shm run reached.
+in-process ONNX Runtime is measured in each round, right after the shm run,
+at the batch size that run reached.
 
 Usage: ``python bench/shared_memory.py`` (``make bench`` runs it after
 bench/run.py), ``--quick`` for a short run, ``--generator python`` to skip
@@ -87,7 +89,7 @@ def run_perf_analyzer(
             *("--shared-memory", "system" if mode == "shm" else "none"),
             *("--measurement-interval", str(window_ms)),
             # Report what was measured; a shared machine is never "stable".
-            *("--stability-percentage", "100", "--max-trials", "3"),
+            *("--stability-percentage", "1000", "--max-trials", "4"),
         ],
         capture_output=True,
         text=True,
@@ -219,6 +221,8 @@ def main() -> int:
         build(repository)
     server = launch_server(repository, None, timeout=120)
     samples: list[Sample] = []
+    #: (model, batch, in-process rows/s, shm throughput / in-process) per round.
+    ceilings: list[tuple[str, int, float, float]] = []
     try:
         with Client(server.url) as client:
             regions: list[SharedMemoryRegion] = []
@@ -233,7 +237,7 @@ def main() -> int:
                     messages[model, "bytes"] = payload(model, shape, output, None)
                     messages[model, "shm"] = payload(model, shape, output, region.name)
                 for round_number in range(1, rounds + 1):
-                    for model, callers, _, _ in points:
+                    for model, callers, shape, _ in points:
                         for mode in MODES:
                             sample = measure(
                                 server, binary, messages[model, mode], model, callers, mode, seconds
@@ -244,6 +248,11 @@ def main() -> int:
                                 f"{sample.throughput:,.0f}/s, mean batch {sample.mean_batch:.1f}",
                                 file=sys.stderr,
                             )
+                        # In the same round, so that a machine whose speed drifts
+                        # (shared cores) moves both sides of the ratio alike.
+                        batch = max(1, round(sample.mean_batch))
+                        rate = in_process(repository, model, shape, batch, min(seconds, 2.0))
+                        ceilings.append((model, batch, rate, sample.throughput / rate))
             finally:
                 for region in regions:
                     region.close()  # unregisters it, then removes it
@@ -251,7 +260,7 @@ def main() -> int:
         server.stop()
 
     rows = []
-    for model, callers, shape, _ in points:
+    for model, callers, _, _ in points:
         entry: dict[str, Any] = {"model": model, "callers": callers}
         for mode in MODES:
             mine = [s for s in samples if s.model == model and s.mode == mode]
@@ -261,11 +270,18 @@ def main() -> int:
                 "mean_batch": statistics.median(s.mean_batch for s in mine),
                 "rounds": [round(s.throughput, 1) for s in mine],
             }
-        batch = max(1, round(entry["shm"]["mean_batch"]))
-        entry["in_process_batch"] = batch
-        entry["in_process"] = in_process(repository, model, shape, batch, min(seconds, 2.0))
-        entry["shm_vs_bytes"] = entry["shm"]["throughput"] / entry["bytes"]["throughput"]
-        entry["shm_vs_in_process"] = entry["shm"]["throughput"] / entry["in_process"]
+        mine = [c for c in ceilings if c[0] == model]
+        entry["in_process_batch"] = statistics.median(c[1] for c in mine)
+        entry["in_process"] = statistics.median(c[2] for c in mine)
+        entry["shm_vs_bytes"] = statistics.median(
+            shm.throughput / plain.throughput
+            for shm, plain in zip(
+                [s for s in samples if s.model == model and s.mode == "shm"],
+                [s for s in samples if s.model == model and s.mode == "bytes"],
+                strict=True,
+            )
+        )
+        entry["shm_vs_in_process"] = statistics.median(c[3] for c in mine)
         rows.append(entry)
 
     print(f"\nShared memory vs bytes in the message ({generator}, medians of {rounds} round(s)):")
