@@ -24,6 +24,7 @@ Usage::
 
     python bench/gpu_check.py --wheels /data/wheels            # on the GPU host
     python bench/gpu_check.py --device cpu [--quick]           # dry run anywhere
+    python bench/gpu_check.py --requirements                   # what --wheels must hold
 """
 
 from __future__ import annotations
@@ -982,6 +983,10 @@ def finish(ctx: Context, host: dict[str, Any], started: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--requirements"]:
+        # For `pip download` on a machine with network (docs/deploy.md).
+        print("\n".join(["onnxruntime-gpu", *requirements()]))
+        return 0
     if argv[:1] == ["--load"]:
         load_main(int(argv[1]), argv[2], int(argv[3]), float(argv[4]))
         return 0

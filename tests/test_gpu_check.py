@@ -54,6 +54,14 @@ def test_gpu_run_without_a_gpu_fails_at_once(tmp_path: Path) -> None:
     assert report["passed"] is False
 
 
+def test_requirements_list_what_the_wheel_directory_must_hold() -> None:
+    result = run_script("--requirements")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[0] == "onnxruntime-gpu"
+    assert any(line.startswith("grpcio>=") for line in lines) and "onnx" in lines
+
+
 def wheel(path: Path, size: int) -> bytes:
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("pkg/data.bin", bytes(range(256)) * (size // 256))
