@@ -70,10 +70,11 @@ prometheus:  ## install Prometheus (Debian package) for the monitoring tests, if
 		{ quiet_apt update && quiet_apt install -y --no-install-recommends prometheus; } || \
 		echo "prometheus did not install: the monitoring tests will be skipped"
 
-bench: models  ## benchmark: in-process ORT vs echo ceiling vs Lockgate, batched vs not; shared memory vs bytes; ensemble and cache
+bench: models  ## benchmark: in-process ORT vs echo ceiling vs Lockgate, batched vs not; shared memory vs bytes; ensemble and cache; --frontends 2 vs 1
 	$(PY) bench/run.py --repository $(REPO) $(ARGS)
 	$(PY) bench/shared_memory.py $(SHM_ARGS)
 	$(PY) bench/repository_features.py
+	$(PY) bench/frontends.py $(FRONTENDS_ARGS)
 
 # No $(STAMP) prerequisite: a GPU host has no network for `make install`;
 # the script installs what it needs from ARGS="--wheels DIR" into its own venv.

@@ -73,6 +73,7 @@ SERVER_FLAGS = frozenset(
         "strict-readiness",
         "log-format",
         "log-level",
+        "frontends",
         "default-max-batch-size",
         "trace",
     }
