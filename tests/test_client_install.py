@@ -60,8 +60,12 @@ def test_client_installs_alone(tmp_path: Path) -> None:
     assert {"grpcio", "protobuf", "numpy"} <= names
     assert not any(name.startswith("onnxruntime") for name in names), names
     assert "lockgate" not in names
-    # The type information ships with it.
+    # The type information and the licence ship with it.
     assert (Path(location).parent / "py.typed").is_file()
+    licences = list(
+        Path(location).parent.parent.glob("lockgate_client-*.dist-info/licenses/LICENSE")
+    )
+    assert len(licences) == 1 and licences[0].read_bytes() == (ROOT / "LICENSE").read_bytes()
     # The command line comes with the SDK: every client command, and no serve
     # (that is added by the server distribution when it is installed).
     usage = run(venv / "bin" / "lockgate", "--help", cwd=elsewhere)
@@ -73,8 +77,8 @@ def test_dev_install_shows_the_sdk_types_to_mypy(tmp_path: Path) -> None:
     """Code developed against the checkout's .venv is type-checked against the SDK.
 
     setuptools' default editable install hides a flat-layout package behind an
-    import hook that mypy cannot follow ("Cannot find implementation"); make
-    install asks for the path-based (compat) mode.
+    import hook that mypy cannot follow ("Cannot find implementation");
+    client/pyproject.toml states its package root, which makes it a .pth path.
     """
     user = tmp_path / "app.py"
     user.write_text(

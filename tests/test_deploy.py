@@ -1005,3 +1005,5 @@ def test_license_file_is_there() -> None:
     assert project["license-files"] == ["LICENSE"]
     for ignore in DEPLOY.glob("*.dockerignore"):
         assert "!LICENSE" in ignore.read_text().split(), ignore
+    # The SDK's distribution ships its own copy (files outside client/ cannot go in).
+    assert (ROOT / "client" / "LICENSE").read_text() == text
