@@ -45,12 +45,12 @@ sys.path.insert(0, str(ROOT))
 from bench.run import (  # noqa: E402
     INFER,
     _percentile,
-    _use_uvloop,
     build_repository,
     model_counts,
     request_bytes,
 )
 from bench.serving import ServerProcess, free_port, launch_server  # noqa: E402
+from lockgate_client._loop import run  # noqa: E402
 
 #: (model, callers): what is measured, and why (see the module docstring).
 POINTS = [("simple", 64), ("image_classifier", 16), ("mlp", 32), ("simple", 1)]
@@ -269,9 +269,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.load:
         port, payload, callers, seconds = args.load
-        _use_uvloop()
         data = Path(payload).read_bytes()
-        print(json.dumps(asyncio.run(closed_loop(int(port), data, int(callers), float(seconds)))))
+        print(json.dumps(run(closed_loop(int(port), data, int(callers), float(seconds)))))
         return 0
     rounds, seconds = (1, 2.0) if args.quick else (args.rounds, args.seconds)
     counts = [int(n) for n in args.frontends_list.split(",")]

@@ -30,7 +30,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ctypes
 import functools
 import importlib
@@ -541,9 +540,10 @@ def load_main(port: int, payload_file: str, concurrency: int, duration: float) -
     # make bench's load generator; imported by name because grpc-stubs has no
     # grpc.aio, and the type-checked tree (which imports this file) must not follow it.
     bench_run: Any = importlib.import_module("bench.run")
-    bench_run._use_uvloop()
+    from lockgate_client._loop import run
+
     payload = Path(payload_file).read_bytes()
-    raw = asyncio.run(bench_run.closed_loop(port, payload, concurrency, duration, warmup=0.5))
+    raw = run(bench_run.closed_loop(port, payload, concurrency, duration, warmup=0.5))
     latencies = sorted(raw["latencies"])
 
     def percentile(q: float) -> float:

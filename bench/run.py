@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.serving import free_port, launch_server, wait_ready  # noqa: E402
+from lockgate_client._loop import run  # noqa: E402
 from models.build import build_image_classifier, build_mlp, build_simple  # noqa: E402
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -238,9 +239,8 @@ def run_load(port: int, model: str, concurrency: int, duration: float) -> dict[s
 
 
 def load_main(port: int, payload_file: str, concurrency: int, duration: float) -> None:
-    _use_uvloop()
     payload = Path(payload_file).read_bytes()
-    raw = asyncio.run(closed_loop(port, payload, concurrency, duration, warmup=1.0))
+    raw = run(closed_loop(port, payload, concurrency, duration, warmup=1.0))
     latencies = sorted(raw["latencies"])
     summary = {
         "throughput": len(latencies) / raw["duration"],
@@ -257,14 +257,6 @@ def _percentile(values: list[float], q: float) -> float:
         return 0.0
     index = min(len(values) - 1, round(q / 100 * (len(values) - 1)))
     return values[index]
-
-
-def _use_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 # --- measurements ------------------------------------------------------------------------
@@ -417,8 +409,7 @@ def main() -> int:
     parser.add_argument("--load", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
-        _use_uvloop()
-        asyncio.run(echo_server(args.echo_server))
+        run(echo_server(args.echo_server))
         return 0
     if args.load:
         port, payload, concurrency, duration = args.load
