@@ -172,3 +172,10 @@ def test_a_port_in_use_is_named_with_its_flag(
     line = one_error_line(result)
     assert f"port {taken_port}" in line and "already in use" in line
     assert f"choose another with {flag}" in line
+
+
+def test_a_stream_has_room_for_one_request_at_least() -> None:
+    """0 would leave every stream unread for ever: refused like any bad value."""
+    assert config("model.onnx", "--max-stream-requests", "1").max_stream_requests == 1
+    with pytest.raises(SystemExit):
+        config("model.onnx", "--max-stream-requests", "0")

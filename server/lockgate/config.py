@@ -26,6 +26,7 @@ from lockgate.settings import (
     Alternative,
     non_negative_int,
     port,
+    positive_int,
     ratio,
     seconds_or_off,
     setting,
@@ -216,6 +217,7 @@ class ServerConfig:
         "requests one ModelStreamInfer stream may have running or answered but unread; "
         "past it the stream is not read (backpressure)",
         "limits",
+        positive_int,
         metavar="N",
     )
     max_health_watches: int = setting(
