@@ -946,8 +946,12 @@ def test_model_unload_leaves_regions_alone(
 def _family_maps(server: ServerProcess, key: str) -> list[int]:
     """Pids among the server's processes (supervisor, engine, front ends) that map ``key``."""
     pids = [server.process.pid]
-    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
-    pids += [int(p) for p in children.read_text().split()]
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # The field after the parenthesised command name: state, then ppid.
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == server.process.pid:
+                pids.append(int(entry))
     found = []
     for pid in pids:
         with contextlib.suppress(OSError):

@@ -337,6 +337,9 @@ class EngineProcess:
             request.trace = self.tracer.remote_parent(message.trace)
         assert self._loop is not None
         task = self._loop.create_task(self._run(peer, message.id, model, request))
+        if lease is not None:
+            # A callback, not a finally: a task cancelled before it starts runs no finally.
+            task.add_done_callback(lambda _: _release(request))
         peer.running[message.id] = (task, request)
 
     def _region_view(self, lease: Lease, tensor: m.TensorRef) -> Array:
@@ -370,10 +373,6 @@ class EngineProcess:
             )
         finally:
             peer.running.pop(request_id, None)
-            if request.lease is not None:
-                # Views first: an unregistered region unmaps with its last lease.
-                request.inputs = {}
-                request.lease.release()
         self._send(peer, reply)
 
     # --- control --------------------------------------------------------------------------
@@ -469,6 +468,13 @@ def _dtype(name: str) -> np.dtype[Any]:
     if dtype is None:
         dtype = _DTYPES[name] = np.dtype(name)
     return dtype
+
+
+def _release(request: InferRequest) -> None:
+    """Return the request's lease on client regions (views first: the last lease unmaps)."""
+    assert request.lease is not None
+    request.inputs = {}
+    request.lease.release()
 
 
 def _view(slab: Slab, tensor: m.TensorRef) -> Array:
