@@ -350,6 +350,10 @@ def test_explicit_mode_loads_steps_first_and_follows_them(
         client.load_model("digits_classifier")
         assert client.is_model_ready("digits")
         _infer(client, "digits", {"PIXELS": _pixels(1)}, {"PIXELS": "UINT8"})
+        # Triton's unload_dependents: the composing models go with the ensemble.
+        client.unload_model("digits", unload_dependents=True)
+        for model in ("digits", "digits_preprocess", "digits_classifier"):
+            assert not client.is_model_ready(model), model
 
 
 # --- the planner -------------------------------------------------------------------------

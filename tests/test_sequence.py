@@ -192,6 +192,23 @@ def test_stream_client_interleaves_two_sequences(sequence_server: ServerProcess)
     assert [v for _, v in sorted(got["stream-b"])] == _expected([-v for v in VALUES])
 
 
+def test_our_sdk_sends_sequences_as_parameters(sequence_server: ServerProcess) -> None:
+    from lockgate_client import Client
+
+    with Client(sequence_server.url) as sdk:
+        sums = []
+        last = len(VALUES) - 1
+        for i, value in enumerate(VALUES):
+            flags = {"sequence_start": i == 0, "sequence_end": i == last}
+            outputs = sdk.infer(
+                "accumulator",
+                {"INPUT": np.array([[value]], dtype=np.int32)},
+                parameters={"sequence_id": "sdk-1", **flags},
+            )
+            sums.append(int(outputs["OUTPUT"][0, 0]))
+    assert sums == _expected(VALUES)
+
+
 def test_a_new_start_resets_the_state(client: tc.InferenceServerClient) -> None:
     _send(client, "accumulator", 3000, 5, start=True)
     assert _value(_send(client, "accumulator", 3000, 5)) == 10

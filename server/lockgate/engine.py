@@ -99,7 +99,7 @@ class Engine(Protocol):
         self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None
     ) -> None: ...
 
-    async def unload(self, name: str) -> None: ...
+    async def unload(self, name: str, unload_dependents: bool = False) -> None: ...
 
 
 class LocalEngine:
@@ -165,9 +165,9 @@ class LocalEngine:
         finally:
             await self._changed()
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, unload_dependents: bool = False) -> None:
         try:
-            await self._repository.unload(name)
+            await self._repository.unload(name, unload_dependents)
         finally:
             await self._changed()
 

@@ -418,7 +418,7 @@ class EngineProcess:
             return None
         if op == "unload":
             try:
-                await engine.unload(args[0])
+                await engine.unload(args[0], bool(args[1]) if len(args) > 1 else False)
             finally:
                 self.publish()
             return None

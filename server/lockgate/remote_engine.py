@@ -433,8 +433,8 @@ class RemoteEngine:
     ) -> None:
         await self._call("load", name, config_json, files)
 
-    async def unload(self, name: str) -> None:
-        await self._call("unload", name)
+    async def unload(self, name: str, unload_dependents: bool = False) -> None:
+        await self._call("unload", name, unload_dependents)
 
     # --- what the server's health needs ------------------------------------------------------
 

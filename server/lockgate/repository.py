@@ -570,8 +570,12 @@ class ModelRepository:
                 )
         return states
 
-    async def unload(self, name: str) -> None:
-        """Stop routing to ``name``, let its queued work finish, then free it."""
+    async def unload(self, name: str, unload_dependents: bool = False) -> None:
+        """Stop routing to ``name``, let its queued work finish, then free it.
+
+        ``unload_dependents`` (Triton's parameter): for an ensemble, also unload
+        the models it composes that no other loaded ensemble uses.
+        """
         async with self._locks.setdefault(name, asyncio.Lock()):
             entry = self._entries.get(name)
             if entry is None:
@@ -597,6 +601,21 @@ class ModelRepository:
             entry.unloaded = True
             entry.owed = False  # loaded again later, it is a new model
         await self._unload_dependents(name)
+        if unload_dependents:
+            await self._unload_composing(name)
+
+    async def _unload_composing(self, name: str) -> None:
+        entry = self._entries.get(name)
+        for model in entry.depends_on if entry is not None else []:
+            used = any(
+                model in other.depends_on
+                and any(s.state == ModelState.READY for s in other.versions.values())
+                for other_name, other in self._entries.items()
+                if other_name != name
+            )
+            composing = self._entries.get(model)
+            if not used and composing is not None and not composing.unloaded:
+                await self.unload(model)
 
     async def _unload_dependents(self, name: str) -> None:
         """Ensembles over ``name`` cannot serve without it: unload them too (Triton)."""

@@ -322,7 +322,12 @@ class Servicer(service.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> Any:
         self._check_control("unload")
-        await self._engine.unload(request.model_name)
+        dependents = request.parameters.get("unload_dependents")
+        if dependents is not None and dependents.WhichOneof("parameter_choice") != "bool_param":
+            raise InvalidInputError("parameter 'unload_dependents' must be a bool")
+        await self._engine.unload(
+            request.model_name, unload_dependents=dependents is not None and dependents.bool_param
+        )
         return pb.RepositoryModelUnloadResponse()
 
     def _check_control(self, action: str) -> None:
