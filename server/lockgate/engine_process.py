@@ -27,6 +27,7 @@ from lockgate.config import ServerConfig
 from lockgate.engine import LocalEngine
 from lockgate.errors import LockgateError, UnsupportedError
 from lockgate.ipc import messages as m
+from lockgate.ipc.channel import Channel
 from lockgate.ipc.slab import RingAllocator, Slab
 from lockgate.lifecycle import Lifecycle
 from lockgate.model import ModelVersion
@@ -80,7 +81,7 @@ class EngineProcess:
         self._started = False
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._socket: Any = None
+        self._channel: Channel | None = None
         self._configs: dict[int, bytes] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._metrics_server: Any = None
@@ -89,7 +90,6 @@ class EngineProcess:
     async def run(self) -> None:
         """Serve until the supervisor's SIGTERM; then drain and stop."""
         import zmq
-        import zmq.asyncio
 
         loop = self._loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._on_signal)
@@ -101,13 +101,8 @@ class EngineProcess:
         # A missing path, or two models under one name: the server does not start.
         self.repository.check_locations()
         self.repository.check_names()
-        socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
-        socket.setsockopt(zmq.SNDHWM, 0)
-        socket.setsockopt(zmq.RCVHWM, 0)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.bind(self.endpoint)
-        self._socket = socket
-        reader = loop.create_task(self._read())
+        channel = self._channel = Channel(zmq.ROUTER, self._on_frames, loop)
+        channel.socket.bind(self.endpoint)
         from lockgate.server import serve_metrics
 
         self._metrics_server = serve_metrics(self.config, self.repository)
@@ -124,8 +119,7 @@ class EngineProcess:
             self._poller.start()
         await self._stopping.wait()
         await self._drain()
-        reader.cancel()
-        socket.close(linger=0)
+        channel.close()
 
     def _on_drain(self) -> None:
         """The front ends began draining (SIGUSR1 from the supervisor).
@@ -221,21 +215,18 @@ class EngineProcess:
 
     # --- messages in --------------------------------------------------------------------------
 
-    async def _read(self) -> None:
-        socket = self._socket
-        while True:
-            identity, frame = await socket.recv_multipart(copy=False)
+    def _on_frames(self, frames: list[bytes]) -> None:
+        key, frame = frames
+        try:
+            messages = m.decode_to_engine(frame)
+        except Exception:
+            log.exception("cannot decode a frame from a front end")
+            return
+        for message in messages:
             try:
-                messages = m.decode_to_engine(frame.buffer)
-            except Exception:
-                log.exception("cannot decode a frame from a front end")
-                continue
-            key = identity.bytes
-            for message in messages:
-                try:
-                    self._dispatch(key, message)
-                except Exception:  # a bug of ours: say so, keep serving
-                    log.exception("cannot handle %s", type(message).__name__)
+                self._dispatch(key, message)
+            except Exception:  # a bug of ours: say so, keep serving
+                log.exception("cannot handle %s", type(message).__name__)
 
     def _dispatch(self, key: bytes, message: m.ToEngine) -> None:
         if isinstance(message, m.Hello):
@@ -456,7 +447,8 @@ class EngineProcess:
                 continue
             frame = m.encode(peer.outbox)
             peer.outbox = []
-            self._socket.send_multipart([key, frame], copy=False)
+            assert self._channel is not None
+            self._channel.send([key, frame])
         self._dirty.clear()
 
 

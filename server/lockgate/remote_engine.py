@@ -32,6 +32,7 @@ from lockgate.config import ServerConfig
 from lockgate.engine import IndexRow
 from lockgate.errors import LockgateError, ModelNotFoundError, ModelUnavailableError
 from lockgate.ipc import messages as m
+from lockgate.ipc.channel import Channel
 from lockgate.ipc.slab import RingAllocator, Slab
 from lockgate.loader import tensor_specs
 from lockgate.model import model_metadata
@@ -169,8 +170,7 @@ class RemoteEngine:
         self._defaults: dict[str, RemoteModel] = {}
         self._snapshot: m.Snapshot | None = None
         self._idle: asyncio.Event | None = None
-        self._socket: Any = None
-        self._reader: asyncio.Task[None] | None = None
+        self._channel: Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Set by the first snapshot whose startup loading is over.
         self.started = asyncio.Event()
@@ -182,22 +182,13 @@ class RemoteEngine:
 
     async def connect(self) -> None:
         import zmq
-        import zmq.asyncio
 
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
-        context = zmq.asyncio.Context.instance()
-        socket = context.socket(zmq.DEALER)
-        # Never block a send: the engine reads as fast as it can, and a full
-        # queue would stall the event loop instead of the one request.
-        socket.setsockopt(zmq.SNDHWM, 0)
-        socket.setsockopt(zmq.RCVHWM, 0)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.connect(self._endpoint)
-        self._socket = socket
+        self._channel = Channel(zmq.DEALER, self._on_frames, self._loop)
+        self._channel.socket.connect(self._endpoint)
         self._send(m.Hello(self._slot, os.getpid(), self._slab.name, self._outputs.name))
-        self._reader = self._loop.create_task(self._read())
 
     def watch_engine(self, pid: int) -> None:
         """Turn the engine process's exit into an event, at once (Linux pidfd)."""
@@ -235,10 +226,9 @@ class RemoteEngine:
             self._on_engine_lost()
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-        if self._socket is not None:
-            self._socket.close(linger=0)
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
         self._slab.close()
         self._outputs.close()
 
@@ -267,7 +257,8 @@ class RemoteEngine:
             return
         frame = m.encode(self._outbox)
         self._outbox = []
-        self._socket.send(frame, copy=False)
+        assert self._channel is not None
+        self._channel.send([frame])
 
     async def call(self, op: str, *args: Any) -> Any:
         """A control operation in the engine process."""
@@ -288,15 +279,12 @@ class RemoteEngine:
 
     # --- receiving -------------------------------------------------------------------------
 
-    async def _read(self) -> None:
-        socket = self._socket
-        while True:
-            frame = await socket.recv(copy=False)
-            try:
-                for message in m.decode_to_frontend(frame.buffer):
-                    self._dispatch(message)
-            except Exception:  # a bug of ours: say so, keep reading
-                log.exception("cannot handle a message from the engine")
+    def _on_frames(self, frames: list[bytes]) -> None:
+        try:
+            for message in m.decode_to_frontend(frames[-1]):
+                self._dispatch(message)
+        except Exception:  # a bug of ours: say so, keep reading
+            log.exception("cannot handle a message from the engine")
 
     def _dispatch(self, message: m.ToFrontend) -> None:
         if isinstance(message, m.Result):
