@@ -1,7 +1,7 @@
 """The engine process (``--frontends N``): models, schedulers and sessions for every front end.
 
-One busy loop: it reads frames of messages from the front ends (ZeroMQ
-ROUTER), turns each ``Infer`` into an ``InferRequest`` whose arrays are numpy
+One busy loop: it reads frames of messages from the front ends (a Unix
+socket each, ipc/channel.py), turns each ``Infer`` into an ``InferRequest`` whose arrays are numpy
 views of the sender's inputs slab, and submits it to the same
 ``ModelVersion.infer`` a single-process server uses, so one scheduler per
 model batches requests from every front end together. Outputs go into the
@@ -27,7 +27,7 @@ from lockgate.config import ServerConfig
 from lockgate.engine import LocalEngine
 from lockgate.errors import LockgateError, UnsupportedError
 from lockgate.ipc import messages as m
-from lockgate.ipc.channel import Channel
+from lockgate.ipc.channel import Link
 from lockgate.ipc.slab import RingAllocator, Slab
 from lockgate.lifecycle import Lifecycle
 from lockgate.model import ModelVersion
@@ -45,7 +45,7 @@ RUNNING_BATCH_GRACE_S = 5.0
 class Peer:
     """One connected front end: its slabs, its requests in flight, its outbox."""
 
-    def __init__(self, identity: bytes, hello: m.Hello) -> None:
+    def __init__(self, identity: Link, hello: m.Hello) -> None:
         self.identity = identity
         self.slot = hello.slot
         self.pid = hello.pid
@@ -75,13 +75,12 @@ class EngineProcess:
         self.engine = LocalEngine(self.repository)
         #: The one registry of client regions; front ends mirror it from snapshots.
         self.shared_memory = SharedMemoryRegistry() if config.shared_memory == "system" else None
-        self._peers: dict[bytes, Peer] = {}
-        self._dirty: set[bytes] = set()
+        self._peers: dict[Link, Peer] = {}
+        self._dirty: set[Link] = set()
         self._flush_scheduled = False
         self._started = False
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._channel: Channel | None = None
         self._configs: dict[int, bytes] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._metrics_server: Any = None
@@ -89,8 +88,6 @@ class EngineProcess:
 
     async def run(self) -> None:
         """Serve until the supervisor's SIGTERM; then drain and stop."""
-        import zmq
-
         loop = self._loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._on_signal)
         loop.add_signal_handler(signal.SIGUSR1, self._on_drain)
@@ -101,8 +98,9 @@ class EngineProcess:
         # A missing path, or two models under one name: the server does not start.
         self.repository.check_locations()
         self.repository.check_names()
-        channel = self._channel = Channel(zmq.ROUTER, self._on_frames, loop)
-        channel.socket.bind(self.endpoint)
+        listener = await loop.create_unix_server(
+            lambda: Link(self._on_frame, self._on_link_lost), self.endpoint
+        )
         from lockgate.server import serve_metrics
 
         self._metrics_server = serve_metrics(self.config, self.repository)
@@ -119,7 +117,7 @@ class EngineProcess:
             self._poller.start()
         await self._stopping.wait()
         await self._drain()
-        channel.close()
+        listener.close()
 
     def _on_drain(self) -> None:
         """The front ends began draining (SIGUSR1 from the supervisor).
@@ -215,8 +213,12 @@ class EngineProcess:
 
     # --- messages in --------------------------------------------------------------------------
 
-    def _on_frames(self, frames: list[bytes]) -> None:
-        key, frame = frames
+    def _on_link_lost(self, link: Link) -> None:
+        peer = self._peers.get(link)
+        if peer is not None:
+            self._gone(peer)
+
+    def _on_frame(self, key: Link, frame: bytes) -> None:
         try:
             messages = m.decode_to_engine(frame)
         except Exception:
@@ -228,7 +230,7 @@ class EngineProcess:
             except Exception:  # a bug of ours: say so, keep serving
                 log.exception("cannot handle %s", type(message).__name__)
 
-    def _dispatch(self, key: bytes, message: m.ToEngine) -> None:
+    def _dispatch(self, key: Link, message: m.ToEngine) -> None:
         if isinstance(message, m.Hello):
             self._hello(key, message)
             return
@@ -254,7 +256,7 @@ class EngineProcess:
         elif isinstance(message, m.Call):
             self._spawn(self._call(peer, message))
 
-    def _hello(self, key: bytes, hello: m.Hello) -> None:
+    def _hello(self, key: Link, hello: m.Hello) -> None:
         try:
             peer = Peer(key, hello)
         except OSError as exc:
@@ -283,6 +285,8 @@ class EngineProcess:
         loop.add_reader(fd, exited)
 
     def _gone(self, peer: Peer) -> None:
+        if peer.gone:
+            return  # both its connection and its pid said so
         peer.gone = True
         self._peers.pop(peer.identity, None)
         for task, request in list(peer.running.values()):
@@ -447,8 +451,7 @@ class EngineProcess:
                 continue
             frame = m.encode(peer.outbox)
             peer.outbox = []
-            assert self._channel is not None
-            self._channel.send([key, frame])
+            key.send(frame)
         self._dirty.clear()
 
 

@@ -1,7 +1,7 @@
 """The engine process, seen from a front-end process (``--frontends N``).
 
 ``RemoteEngine`` is the ``Engine`` a front end's servicer talks to. Requests
-go to the engine process as compact messages over ZeroMQ (``lockgate.ipc``),
+go to the engine process as compact messages over a Unix socket (``lockgate.ipc``),
 everything one loop tick produced in one frame; tensor bytes go through this
 front end's two shared-memory slabs (inputs written here, outputs written by
 the engine), never through the socket. Model specs, metadata, config and
@@ -32,7 +32,7 @@ from lockgate.config import ServerConfig
 from lockgate.engine import IndexRow
 from lockgate.errors import LockgateError, ModelNotFoundError, ModelUnavailableError
 from lockgate.ipc import messages as m
-from lockgate.ipc.channel import Channel
+from lockgate.ipc.channel import Link, connect
 from lockgate.ipc.slab import RingAllocator, Slab
 from lockgate.loader import tensor_specs
 from lockgate.model import model_metadata
@@ -170,7 +170,7 @@ class RemoteEngine:
         self._defaults: dict[str, RemoteModel] = {}
         self._snapshot: m.Snapshot | None = None
         self._idle: asyncio.Event | None = None
-        self._channel: Channel | None = None
+        self._channel: Link | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Set by the first snapshot whose startup loading is over.
         self.started = asyncio.Event()
@@ -181,13 +181,10 @@ class RemoteEngine:
     # --- connection --------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        import zmq
-
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._channel = Channel(zmq.DEALER, self._on_frames, self._loop)
-        self._channel.socket.connect(self._endpoint)
+        self._channel = await connect(self._endpoint, self._on_frame, self._on_link_lost)
         self._send(m.Hello(self._slot, os.getpid(), self._slab.name, self._outputs.name))
 
     def watch_engine(self, pid: int) -> None:
@@ -258,7 +255,7 @@ class RemoteEngine:
         frame = m.encode(self._outbox)
         self._outbox = []
         assert self._channel is not None
-        self._channel.send([frame])
+        self._channel.send(frame)
 
     async def call(self, op: str, *args: Any) -> Any:
         """A control operation in the engine process."""
@@ -279,9 +276,13 @@ class RemoteEngine:
 
     # --- receiving -------------------------------------------------------------------------
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    def _on_link_lost(self, link: Link) -> None:
+        if self._channel is link and not link.closed_here:
+            self.lost("the connection to the engine process closed")
+
+    def _on_frame(self, link: Link, frame: bytes) -> None:
         try:
-            for message in m.decode_to_frontend(frames[-1]):
+            for message in m.decode_to_frontend(frame):
                 self._dispatch(message)
         except Exception:  # a bug of ours: say so, keep reading
             log.exception("cannot handle a message from the engine")

@@ -127,7 +127,8 @@ class Supervisor:
         self.prefix = slab_prefix(self.pid)
         self._context = multiprocessing.get_context("spawn")
         self._rundir = tempfile.mkdtemp(prefix="lockgate-")
-        self.endpoint = f"ipc://{self._rundir}/engine.sock"
+        #: The engine's Unix socket (ipc/channel.py).
+        self.endpoint = f"{self._rundir}/engine.sock"
         self._engine: multiprocessing.process.BaseProcess | None = None
         self._frontends = [_Frontend(slot) for slot in range(frontends)]
         self._signals = 0

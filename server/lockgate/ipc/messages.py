@@ -1,6 +1,6 @@
 """The messages front ends and the engine exchange, as compact msgpack arrays.
 
-Each ZeroMQ frame carries a list of messages: a process sends what one loop
+Each frame (ipc/channel.py) carries a list of messages: a process sends what one loop
 tick produced in one frame, so a busy front end pays one send and one
 receive per tick, not per request. Tensors travel as ``TensorRef``s: a
 region of the sender's slab, or (when the slab is full, or for BYTES) the
