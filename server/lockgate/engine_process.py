@@ -385,6 +385,9 @@ class EngineProcess:
 
     async def _control(self, op: str, args: list[Any]) -> Any:
         engine = self.engine
+        if op == "drained":  # a draining front end: answered once every queue is idle
+            await self.repository.drain()
+            return None
         if op == "lookup":
             model = self.repository.get(args[0], args[1])
             return [model.name, model.version, self._config_bytes(model)]

@@ -16,6 +16,7 @@ If the engine process exits, every waiting call fails UNAVAILABLE at once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -230,9 +231,17 @@ class RemoteEngine:
         self._outputs.close()
 
     async def drain(self) -> None:
-        """Wait until every request sent to the engine has its answer."""
+        """Wait for the answers to this front end's requests, then for the engine's queues.
+
+        Other front ends may still be finishing theirs; until they have, this
+        one keeps listening, so a probe that lands here reads NOT_SERVING
+        rather than a port that is closing.
+        """
         assert self._idle is not None
         await self._idle.wait()
+        if not self.dead:
+            with contextlib.suppress(LockgateError):
+                await self._call("drained")
 
     # --- sending ---------------------------------------------------------------------------
 
