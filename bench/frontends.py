@@ -49,7 +49,7 @@ from bench.run import (  # noqa: E402
     model_counts,
     request_bytes,
 )
-from bench.serving import ServerProcess, free_port, launch_server  # noqa: E402
+from bench.serving import ServerProcess, free_port, launch_server, spawn_load  # noqa: E402
 from lockgate_client._loop import run  # noqa: E402
 
 #: (model, callers): what is measured, and why (see the module docstring).
@@ -176,26 +176,7 @@ async def closed_loop(port: int, payload: bytes, callers: int, seconds: float) -
 
 
 def run_python_load(port: int, model: str, callers: int, seconds: float) -> dict[str, float]:
-    with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as handle:
-        handle.write(request_bytes(model))
-    try:
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--load",
-                str(port),
-                handle.name,
-                str(callers),
-                str(seconds),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-    finally:
-        os.unlink(handle.name)
-    return dict(json.loads(out))
+    return spawn_load(__file__, port, request_bytes(model), callers, seconds)
 
 
 # --- one point ---------------------------------------------------------------------------

@@ -514,26 +514,9 @@ def request_bytes(ctx: Context, model: str) -> bytes:
 
 def run_load(port: int, payload: bytes, concurrency: int, duration: float) -> dict[str, Any]:
     """Closed-loop load from a separate process (so it does not share our GIL)."""
-    with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as handle:
-        handle.write(payload)
-    try:
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--load",
-                str(port),
-                handle.name,
-                str(concurrency),
-                str(duration),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-    finally:
-        os.unlink(handle.name)
-    return dict(json.loads(out.stdout))
+    from bench.serving import spawn_load
+
+    return spawn_load(__file__, port, payload, concurrency, duration)
 
 
 def load_main(port: int, payload_file: str, concurrency: int, duration: float) -> None:

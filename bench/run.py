@@ -47,7 +47,7 @@ from lockgate_client._proto import model_config_pb2 as mc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.serving import free_port, launch_server, wait_ready  # noqa: E402
+from bench.serving import free_port, launch_server, spawn_load, wait_ready  # noqa: E402
 from lockgate_client._loop import run  # noqa: E402
 from models.build import build_image_classifier, build_mlp, build_simple  # noqa: E402
 
@@ -216,26 +216,7 @@ async def closed_loop(
 
 def run_load(port: int, model: str, concurrency: int, duration: float) -> dict[str, Any]:
     """Run the load generator in a separate process and collect its summary."""
-    with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as handle:
-        handle.write(request_bytes(model))
-    try:
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--load",
-                str(port),
-                handle.name,
-                str(concurrency),
-                str(duration),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-    finally:
-        os.unlink(handle.name)
-    return dict(json.loads(out.stdout))
+    return spawn_load(__file__, port, request_bytes(model), concurrency, duration)
 
 
 def load_main(port: int, payload_file: str, concurrency: int, duration: float) -> None:

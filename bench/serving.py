@@ -6,14 +6,17 @@ starts them, on free loopback ports.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,6 +27,37 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def spawn_load(
+    script: str, port: int, payload: bytes, concurrency: int, duration: float
+) -> dict[str, Any]:
+    """Run ``script --load PORT PAYLOAD_FILE CONCURRENCY DURATION`` and return its JSON summary.
+
+    The load generator runs in its own process so that it does not share the
+    benchmark's (or the server's) GIL; each bench script supplies its own
+    ``--load`` entry point and prints one JSON object.
+    """
+    with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as handle:
+        handle.write(payload)
+    try:
+        out = subprocess.run(
+            [
+                sys.executable,
+                script,
+                "--load",
+                str(port),
+                handle.name,
+                str(concurrency),
+                str(duration),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    finally:
+        os.unlink(handle.name)
+    return dict(json.loads(out))
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
