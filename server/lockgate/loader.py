@@ -97,29 +97,16 @@ def load_version(
     reshaper = Reshaper.from_config(config)
     for runner in runners:
         runner.reshaper = reshaper
-    stats = ModelStats(
-        name=config.name,
-        version=str(version),
-        duration_buckets=server.duration_buckets,
-        batch_buckets=server.batch_size_buckets,
-    )
-    inputs = tensor_specs(list(config.input))
-    outputs = tensor_specs(list(config.output))
-    model = ModelVersion(
-        name=config.name,
-        version=str(version),
-        config=config,
-        runners=runners,
-        scheduler=_scheduler(config, runners, stats, observer),
-        stats=stats,
-        inputs=inputs,
-        outputs=outputs,
-        output_names=frozenset(outputs),
-        output_order=[o.name for o in config.output],
-        limits=server.request_limits(config.max_batch_size),
-        output_datatypes={n: s.datatype for n, s in outputs.items()},
-        lifecycle=lifecycle,
-        cache=_model_cache(config, cache),
+    stats = _stats(config, version, server)
+    model = _assemble(
+        config,
+        version,
+        runners,
+        _scheduler(config, runners, stats, observer),
+        stats,
+        server,
+        lifecycle,
+        cache,
     )
     try:
         warmup(model)
@@ -156,31 +143,10 @@ def load_ensemble(
     complete_ensemble_config(config, name)
     validate_config(config)
     steps = check_steps(config, plan_steps(config), resolve)
-    stats = ModelStats(
-        name=config.name,
-        version=str(version),
-        duration_buckets=server.duration_buckets,
-        batch_buckets=server.batch_size_buckets,
-    )
-    inputs = tensor_specs(list(config.input))
-    outputs = tensor_specs(list(config.output))
+    stats = _stats(config, version, server)
     output_order = [o.name for o in config.output]
-    model = ModelVersion(
-        name=config.name,
-        version=str(version),
-        config=config,
-        runners=[],
-        scheduler=EnsembleScheduler(config.name, steps, output_order, stats, resolve),
-        stats=stats,
-        inputs=inputs,
-        outputs=outputs,
-        output_names=frozenset(outputs),
-        output_order=output_order,
-        limits=server.request_limits(config.max_batch_size),
-        output_datatypes={n: s.datatype for n, s in outputs.items()},
-        lifecycle=lifecycle,
-        cache=_model_cache(config, cache),
-    )
+    scheduler = EnsembleScheduler(config.name, steps, output_order, stats, resolve)
+    model = _assemble(config, version, [], scheduler, stats, server, lifecycle, cache)
     stats.load_seconds = time.monotonic() - started
     log.info(
         "loaded ensemble %s version %s: %d step(s) over %s",
@@ -191,6 +157,45 @@ def load_ensemble(
         extra={"event": "model_loaded", "model": model.name, "version": model.version},
     )
     return model
+
+
+def _stats(config: mc.ModelConfig, version: int, server: ServerConfig) -> ModelStats:
+    return ModelStats(
+        name=config.name,
+        version=str(version),
+        duration_buckets=server.duration_buckets,
+        batch_buckets=server.batch_size_buckets,
+    )
+
+
+def _assemble(
+    config: mc.ModelConfig,
+    version: int,
+    runners: list[Runner],
+    scheduler: Scheduler | EnsembleScheduler | SequenceScheduler,
+    stats: ModelStats,
+    server: ServerConfig,
+    lifecycle: Lifecycle,
+    cache: ResponseCache | None,
+) -> ModelVersion:
+    """A loaded version around its scheduler: the specs and limits every kind shares."""
+    outputs = tensor_specs(list(config.output))
+    return ModelVersion(
+        name=config.name,
+        version=str(version),
+        config=config,
+        runners=runners,
+        scheduler=scheduler,
+        stats=stats,
+        inputs=tensor_specs(list(config.input)),
+        outputs=outputs,
+        output_names=frozenset(outputs),
+        output_order=[o.name for o in config.output],
+        limits=server.request_limits(config.max_batch_size),
+        output_datatypes={n: s.datatype for n, s in outputs.items()},
+        lifecycle=lifecycle,
+        cache=_model_cache(config, cache),
+    )
 
 
 def warmup(model: ModelVersion) -> None:
