@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -32,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +71,9 @@ class Point:
     cpu_ms_per_request: float
     errors: int
     client: str
+    #: Client connections per server process while loaded, e.g. "2+1" (the
+    #: kernel spreads connections, not requests, over front ends).
+    connections: str = ""
 
 
 # --- the server's CPU -------------------------------------------------------------------
@@ -102,6 +107,30 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / TICKS
+
+
+def connections(port: int, pids: list[int]) -> str:
+    """Established connections to ``port`` per process of ``pids``, as "a+b" (from /proc)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == "01":  # ESTABLISHED
+                    inodes.add(fields[9])
+    counts = []
+    for pid in pids:
+        count = 0
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:[") and target[8:-1] in inodes:
+                        count += 1
+        if count:
+            counts.append(count)
+    return "+".join(str(c) for c in sorted(counts, reverse=True))
 
 
 # --- load ------------------------------------------------------------------------------
@@ -194,11 +223,16 @@ def measure(
     pids = process_tree(server.process.pid)
     before_counts = model_counts(port, model)
     before_cpu = cpu_seconds(pids)
+    seen: list[str] = []
+    # Sampled once the load generator has connected (it runs >= 3 windows).
+    sampler = threading.Timer(1.5, lambda: seen.append(connections(port, pids)))
+    sampler.start()
     if env is not None:
         result = run_perf_analyzer(env, port, model, callers, seconds)
     else:
         result = run_python_load(port, model, callers, seconds)
     used = cpu_seconds(pids) - before_cpu
+    sampler.cancel()
     after_counts = model_counts(port, model)
     inferences = after_counts[0] - before_counts[0]
     executions = after_counts[1] - before_counts[1]
@@ -212,6 +246,7 @@ def measure(
         cpu_ms_per_request=used * 1000 / inferences if inferences else 0.0,
         errors=int(result["errors"]),
         client="perf_analyzer" if env is not None else "python",
+        connections=seen[0] if seen else "",
     )
 
 
@@ -227,6 +262,7 @@ def median_point(points: list[Point]) -> Point:
         cpu_ms_per_request=statistics.median(p.cpu_ms_per_request for p in points),
         errors=sum(p.errors for p in points),
         client=first.client,
+        connections=" ".join(p.connections for p in points),
     )
 
 
@@ -276,7 +312,8 @@ def main() -> int:
                     print(
                         f"round {round_number} {model} c={callers} frontends={n}: "
                         f"{point.throughput:,.0f}/s p50 {point.p50_ms:.2f} ms "
-                        f"batch {point.mean_batch:.1f} cpu {point.cpu_ms_per_request:.3f} ms/req",
+                        f"batch {point.mean_batch:.1f} cpu {point.cpu_ms_per_request:.3f} ms/req"
+                        f" connections {point.connections or '?'}",
                         file=sys.stderr,
                     )
     finally:
@@ -299,13 +336,13 @@ def main() -> int:
 def report(rows: list[Point], counts: list[int]) -> None:
     print(
         f"\n{'model':<18}{'callers':>8}{'fe':>4}{'infer/s':>10}{'p50 ms':>9}"
-        f"{'batch':>7}{'cpu ms/req':>12}{'errors':>8}"
+        f"{'batch':>7}{'cpu ms/req':>12}{'errors':>8}  connections per process"
     )
     for row in rows:
         print(
             f"{row.model:<18}{row.callers:>8}{row.frontends:>4}{row.throughput:>10,.0f}"
             f"{row.p50_ms:>9.2f}{row.mean_batch:>7.1f}{row.cpu_ms_per_request:>12.3f}"
-            f"{row.errors:>8}"
+            f"{row.errors:>8}  {row.connections}"
         )
     base = counts[0]
     by = {(r.frontends, r.model, r.callers): r for r in rows}

@@ -68,6 +68,13 @@ def _message_bytes(text: str) -> int:
     return number
 
 
+def _nice(text: str) -> int:
+    number = non_negative_int(text)
+    if number > 19:
+        raise ValueError("expected a nice increment from 0 to 19")
+    return number
+
+
 def _buckets(text: str) -> tuple[float, ...]:
     return parse_buckets(text)
 
@@ -129,6 +136,15 @@ class ServerConfig:
         4,
         "max_batch_size given to batchable models whose config does not set one",
         "models",
+        metavar="N",
+    )
+    compute_nice: int = setting(
+        5,
+        "how far below the gRPC threads ONNX Runtime's threads run (a nice increment, "
+        "0-19; Linux): where cores are short, requests reach the batcher sooner and "
+        "batches grow. 0: equal shares",
+        "models",
+        _nice,
         metavar="N",
     )
     #: Response cache size; 0: no cache (models that enable one serve uncached).

@@ -73,7 +73,7 @@ def load_version(
         raise ModelLoadError(f"model '{name}' version {version}: {path} does not exist")
     config.name = config.name or name
     validate_config(config)
-    placements = plan_instances(config)
+    placements = plan_instances(config, server.compute_nice)
     first = Runner(path, config, placements[0])
     # Control and state tensors are the server's to feed and keep, never the client's.
     hidden_in, hidden_out = hidden_tensors(config)
@@ -89,7 +89,7 @@ def load_version(
         _check_sequence_tensors(config, first)
     _check_batch_dims(config, first)
     # Instance planning may change once max_batch_size is known; re-plan.
-    placements = plan_instances(config)
+    placements = plan_instances(config, server.compute_nice)
     runners = [first]
     for placement in placements[1:]:
         lifecycle.check_loading(name)

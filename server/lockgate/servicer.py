@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import wraps
@@ -38,6 +39,7 @@ from lockgate.shm import Lease, Placement, SharedMemoryRegistry
 from lockgate.tracing import RequestTrace, Tracer
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import inference_service_pb2_grpc as service
+from lockgate_client.datatypes import WIRE_DTYPES
 
 log = logging.getLogger("lockgate.servicer")
 
@@ -463,10 +465,17 @@ def _heavy_request(request: pb.ModelInferRequest, model: ServedModel) -> bool:
         return False  # refused at once by the decoder
     raw = request.raw_input_contents
     if len(raw) == len(tensors):
-        return any(
-            len(data) > (HEAVY_ELEMENT_BYTES if tensor.datatype == "BYTES" else HEAVY_RAW_BYTES)
-            for tensor, data in zip(tensors, raw, strict=True)
-        )
+        for index, tensor in enumerate(tensors):
+            if tensor.datatype == "BYTES":
+                if len(raw[index]) > HEAVY_ELEMENT_BYTES:
+                    return True
+                continue
+            # From the shape, not len(raw[index]): each access to a bytes
+            # field copies it, and a 600 KB image would be copied once more.
+            dtype = WIRE_DTYPES.get(tensor.datatype)
+            if dtype is not None and math.prod(tensor.shape) * dtype.itemsize > HEAVY_RAW_BYTES:
+                return True
+        return False
     return any(tensor.contents.ByteSize() > HEAVY_ELEMENT_BYTES for tensor in tensors)
 
 
