@@ -196,6 +196,27 @@ def test_killed_engine_takes_every_process_down(start: Callable[..., ServerProce
     assert not stale_slabs(server)
 
 
+def test_slabs_of_a_killed_supervisor_go_with_the_next_server(
+    start: Callable[..., ServerProcess],
+) -> None:
+    """SIGKILL cleans nothing up; the next server on the host removes what was left."""
+    survivor = start()  # alive throughout: its slabs must stay
+    killed = start()
+    children = pids(killed, "engine") + pids(killed, "front end 0") + pids(killed, "front end 1")
+    killed.process.kill()
+    killed.process.wait(PATIENCE_S)
+    wait_for(lambda: not any(alive(pid) for pid in children), "the children to exit")
+    left = stale_slabs(killed)
+    assert any(name.endswith("-in") for name in left), left  # the front ends' slabs
+    assert f"lockgate-{killed.process.pid}-lease" in left
+    successor = start()
+    assert not stale_slabs(killed)
+    assert "slab(s) of servers killed before they could" in successor.log()
+    assert stale_slabs(survivor), "a live server's slabs were removed"
+    with tc.InferenceServerClient(survivor.url) as client:
+        assert client.is_server_ready()
+
+
 def test_sigterm_under_load_drains_every_process(start: Callable[..., ServerProcess]) -> None:
     server = start()
     load = Load(server)

@@ -31,7 +31,12 @@ from collections.abc import Coroutine
 from typing import Any
 
 from lockgate.config import ServerConfig
-from lockgate.ipc.slab import remove_slabs, slab_prefix
+from lockgate.ipc.slab import (
+    ServerLease,
+    remove_dead_servers_slabs,
+    remove_slabs,
+    slab_prefix,
+)
 from lockgate_client._loop import run
 
 log = logging.getLogger("lockgate.supervisor")
@@ -133,6 +138,7 @@ class Supervisor:
         self._frontends = [_Frontend(slot) for slot in range(frontends)]
         self._signals = 0
         self._status = 0
+        self._lease: ServerLease | None = None
 
     def run(self) -> int:
         from lockgate.server import ListenError, check_ports
@@ -147,6 +153,10 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         remove_slabs(self.prefix)  # a previous process with our pid crashed
+        removed = remove_dead_servers_slabs()
+        if removed:
+            log.info("removed %d slab(s) of servers killed before they could", len(removed))
+        self._lease = ServerLease(self.prefix)
         try:
             self._start_engine()
             for frontend in self._frontends:
@@ -157,6 +167,8 @@ class Supervisor:
         finally:
             self._kill_all()
             remove_slabs(self.prefix)
+            if self._lease is not None:
+                self._lease.close()
             shutil.rmtree(self._rundir, ignore_errors=True)
         return self._status
 

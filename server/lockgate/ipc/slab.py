@@ -9,12 +9,15 @@ region freed out of order is reclaimed once everything before it is.
 
 Ownership: the process that creates a slab names it and unlinks it when it
 closes; the supervisor unlinks the slabs of a child that died without doing
-so (every name starts with ``slab_prefix(supervisor pid)``).
+so (every name starts with ``slab_prefix(supervisor pid)``). A supervisor
+killed with SIGKILL cleans nothing; its ``ServerLease`` lets the next server
+started on the host tell its slabs from a live server's, and remove them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 from collections import deque
@@ -87,6 +90,61 @@ def remove_slabs(prefix: str) -> list[str]:
             if path.name.startswith(prefix):
                 path.unlink(missing_ok=True)
                 removed.append(path.name)
+    return removed
+
+
+#: The last part of a server's lease file name (after its prefix).
+LEASE = "lease"
+
+
+class ServerLease:
+    """A lock held for a server's whole life: flock on ``<prefix>lease`` in /dev/shm.
+
+    The kernel drops a flock when its holder dies, however it dies, so a
+    lease that can be locked belongs to a server that is gone. It works
+    where pids do not: across PID namespaces sharing one /dev/shm, and after
+    the dead server's pid has been reused.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.path = SHM_DIR / f"{prefix}{LEASE}"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # A sweeper may have locked and removed the file between our open
+            # and our lock; then we hold a lock nobody can see: start again.
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)
+        self._fd = fd
+
+    def close(self) -> None:
+        """Unlink and release (the caller removes its slabs first)."""
+        if self._fd >= 0:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = -1
+
+
+def remove_dead_servers_slabs() -> list[str]:
+    """Unlink the slabs of every server whose lease nobody holds; return their names."""
+    removed: list[str] = []
+    with contextlib.suppress(FileNotFoundError):
+        for path in SHM_DIR.glob(f"lockgate-*-{LEASE}"):
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue  # gone meanwhile, or another user's
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue  # held: that server is alive
+            try:
+                removed.extend(remove_slabs(path.name[: -len(LEASE)]))
+            finally:
+                os.close(fd)
     return removed
 
 
