@@ -22,6 +22,7 @@ named the key, the range or the permissions, and can fix them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import itertools
 import logging
@@ -31,6 +32,7 @@ import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -79,6 +81,37 @@ def check_key(key: str) -> str:
     return name
 
 
+def _lseek_holding_the_gil() -> Any:
+    """libc's lseek, called without releasing the GIL (ctypes.PyDLL), or None."""
+    try:
+        lseek = ctypes.PyDLL(None).lseek
+    except (OSError, AttributeError):
+        return None
+    lseek.restype = ctypes.c_int64
+    lseek.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int)
+    return lseek
+
+
+_LSEEK = _lseek_holding_the_gil()
+
+
+def object_size(fd: int) -> int:
+    """The size of a shared-memory object, checked twice per request.
+
+    Not ``os.fstat``: it releases the GIL, and on the event loop each release
+    hands the GIL to an instance thread that waits for it, so the loop waits
+    in turn. Measured on 2 cores, MLP at 32 callers over shared memory: mean
+    batch 8.3 with fstat, 11.7 without a check. ``lseek(fd, 0, SEEK_END)``
+    is the size too (our descriptor's offset is never used), and a call
+    through ctypes.PyDLL keeps the GIL for the microsecond it takes.
+    """
+    if _LSEEK is not None:
+        size = int(_LSEEK(fd, 0, os.SEEK_END))
+        if size >= 0:
+            return size
+    return os.fstat(fd).st_size
+
+
 class Region:
     """One registered region: its mapping, file descriptor and leases."""
 
@@ -122,7 +155,7 @@ class Region:
 
     def _check_size(self, what: str) -> None:
         """The object must still cover the region: touching pages past its end is SIGBUS."""
-        size = os.fstat(self._fd).st_size
+        size = object_size(self._fd)
         if self.offset + self.byte_size > size:
             raise InvalidInputError(
                 f"{what}: offset {self.offset} + byte_size {self.byte_size} exceeds the "
