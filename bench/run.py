@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -399,6 +401,7 @@ def main() -> int:
     duration = 2.0 if args.quick else args.duration
     models = [m for m in args.models.split(",") if m]
     work = Path(tempfile.mkdtemp(prefix="lockgate-bench-"))
+    atexit.register(shutil.rmtree, work, True)  # the models: 25 MB a run
     repository = build_repository(work / "repository")
 
     # Both servers stay up and every (model, concurrency) point is measured

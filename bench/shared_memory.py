@@ -20,6 +20,7 @@ perf_analyzer.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -216,6 +217,7 @@ def main() -> int:
     print(f"load generator: {generator}", file=sys.stderr)
 
     work = Path(tempfile.mkdtemp(prefix="lockgate-shm-bench-"))
+    atexit.register(shutil.rmtree, work, True)  # the models: 25 MB a run
     repository = work / "repository"
     for build in (build_image_classifier, build_mlp):
         build(repository)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -209,8 +210,11 @@ def test_slabs_of_a_killed_supervisor_go_with_the_next_server(
     left = stale_slabs(killed)
     assert any(name.endswith("-in") for name in left), left  # the front ends' slabs
     assert f"lockgate-{killed.process.pid}-lease" in left
+    rundirs = list(Path(tempfile.gettempdir()).glob(f"lockgate-{killed.process.pid}-*"))
+    assert rundirs, "the killed supervisor's run directory"
     successor = start()
     assert not stale_slabs(killed)
+    assert not any(path.exists() for path in rundirs)
     assert "slab(s) of servers killed before they could" in successor.log()
     assert stale_slabs(survivor), "a live server's slabs were removed"
     with tc.InferenceServerClient(survivor.url) as client:

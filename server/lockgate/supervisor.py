@@ -28,12 +28,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from lockgate.config import ServerConfig
 from lockgate.ipc.slab import (
     ServerLease,
-    remove_dead_servers_slabs,
+    dead_servers,
     remove_slabs,
     slab_prefix,
 )
@@ -131,7 +132,8 @@ class Supervisor:
         self.pid = os.getpid()
         self.prefix = slab_prefix(self.pid)
         self._context = multiprocessing.get_context("spawn")
-        self._rundir = tempfile.mkdtemp(prefix="lockgate-")
+        #: Named with the prefix, so the next server can remove it if we are SIGKILLed.
+        self._rundir = tempfile.mkdtemp(prefix=self.prefix)
         #: The engine's Unix socket (ipc/channel.py).
         self.endpoint = f"{self._rundir}/engine.sock"
         self._engine: multiprocessing.process.BaseProcess | None = None
@@ -153,9 +155,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         remove_slabs(self.prefix)  # a previous process with our pid crashed
-        removed = remove_dead_servers_slabs()
-        if removed:
-            log.info("removed %d slab(s) of servers killed before they could", len(removed))
+        self._remove_what_killed_servers_left()
         self._lease = ServerLease(self.prefix)
         try:
             self._start_engine()
@@ -171,6 +171,16 @@ class Supervisor:
                 self._lease.close()
             shutil.rmtree(self._rundir, ignore_errors=True)
         return self._status
+
+    def _remove_what_killed_servers_left(self) -> None:
+        """Slabs and run directories of servers killed before they could remove them."""
+        removed = []
+        for prefix in dead_servers():
+            removed.extend(remove_slabs(prefix))
+            for rundir in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+                shutil.rmtree(rundir, ignore_errors=True)
+        if removed:
+            log.info("removed %d slab(s) of servers killed before they could", len(removed))
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1

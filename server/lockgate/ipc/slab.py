@@ -21,6 +21,7 @@ import fcntl
 import mmap
 import os
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +128,12 @@ class ServerLease:
             self._fd = -1
 
 
-def remove_dead_servers_slabs() -> list[str]:
-    """Unlink the slabs of every server whose lease nobody holds; return their names."""
-    removed: list[str] = []
+def dead_servers() -> Iterator[str]:
+    """The name prefix of every server whose lease nobody holds.
+
+    Each lease stays locked by us while the caller removes what that server
+    left, so that two servers starting at once do not clean up together.
+    """
     with contextlib.suppress(FileNotFoundError):
         for path in SHM_DIR.glob(f"lockgate-*-{LEASE}"):
             try:
@@ -142,10 +146,9 @@ def remove_dead_servers_slabs() -> list[str]:
                 os.close(fd)
                 continue  # held: that server is alive
             try:
-                removed.extend(remove_slabs(path.name[: -len(LEASE)]))
+                yield path.name[: -len(LEASE)]
             finally:
                 os.close(fd)
-    return removed
 
 
 class RingAllocator:
