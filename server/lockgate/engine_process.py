@@ -1,13 +1,14 @@
 """The engine process (``--frontends N``): models, schedulers and sessions for every front end.
 
 One busy loop: it reads frames of messages from the front ends (a Unix
-socket each, ipc/channel.py), turns each ``Infer`` into an ``InferRequest`` whose arrays are numpy
-views of the sender's inputs slab, and submits it to the same
-``ModelVersion.infer`` a single-process server uses, so one scheduler per
-model batches requests from every front end together. Outputs go into the
-sender's outputs slab; what one loop tick produced for a front end leaves in
-one frame. The engine also serves /metrics and polls the repository, and
-publishes a ``Snapshot`` of its models whenever they change.
+socket each, ipc/channel.py), turns each ``Infer`` into an ``InferRequest``
+whose arrays are numpy views of the sender's inputs slab, and submits it to
+the same ``ModelVersion.infer`` a single-process server uses, so one
+scheduler per model batches requests from every front end together. Outputs
+go into the sender's outputs slab; what one loop tick produced for a front
+end leaves in one frame (ipc/outbox.py). The engine also serves /metrics
+and polls the repository, and publishes a ``Snapshot`` of its models
+whenever they change.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lockgate.engine import LocalEngine
 from lockgate.errors import LockgateError, UnsupportedError
 from lockgate.ipc import messages as m
 from lockgate.ipc.channel import Link
+from lockgate.ipc.outbox import Outbox
 from lockgate.ipc.slab import RingAllocator, Slab
 from lockgate.lifecycle import Lifecycle
 from lockgate.model import ModelVersion
@@ -45,7 +47,7 @@ RUNNING_BATCH_GRACE_S = 5.0
 class Peer:
     """One connected front end: its slabs, its requests in flight, its outbox."""
 
-    def __init__(self, identity: Link, hello: m.Hello) -> None:
+    def __init__(self, identity: Link, hello: m.Hello, loop: asyncio.AbstractEventLoop) -> None:
         self.identity = identity
         self.slot = hello.slot
         self.pid = hello.pid
@@ -54,10 +56,11 @@ class Peer:
         #: The engine is the only writer of the outputs slab.
         self.allocator = RingAllocator(self.outputs.size)
         self.running: dict[int, tuple[asyncio.Task[None], InferRequest]] = {}
-        self.outbox: list[Any] = []
+        self.outbox = Outbox(loop, identity)
         self.gone = False
 
     def close(self) -> None:
+        self.outbox.close()
         self.inputs.close()
         self.outputs.close()
 
@@ -76,8 +79,6 @@ class EngineProcess:
         #: The one registry of client regions; front ends mirror it from snapshots.
         self.shared_memory = SharedMemoryRegistry() if config.shared_memory == "system" else None
         self._peers: dict[Link, Peer] = {}
-        self._dirty: set[Link] = set()
-        self._flush_scheduled = False
         self._started = False
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -258,7 +259,8 @@ class EngineProcess:
 
     def _hello(self, key: Link, hello: m.Hello) -> None:
         try:
-            peer = Peer(key, hello)
+            assert self._loop is not None
+            peer = Peer(key, hello, self._loop)
         except OSError as exc:
             log.error("front end %d: cannot map its shared memory: %s", hello.slot, exc)
             return
@@ -436,26 +438,8 @@ class EngineProcess:
     # --- messages out ---------------------------------------------------------------------
 
     def _send(self, peer: Peer, message: Any) -> None:
-        if peer.gone:
-            return
-        peer.outbox.append(message)
-        self._dirty.add(peer.identity)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            assert self._loop is not None
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        """What this tick produced for each front end, one frame each."""
-        self._flush_scheduled = False
-        for key in self._dirty:
-            peer = self._peers.get(key)
-            if peer is None or not peer.outbox:
-                continue
-            frame = m.encode(peer.outbox)
-            peer.outbox = []
-            key.send(frame)
-        self._dirty.clear()
+        if not peer.gone:
+            peer.outbox.put(message)
 
 
 _DTYPES: dict[str, np.dtype[Any]] = {}

@@ -34,6 +34,7 @@ from lockgate.engine import IndexRow
 from lockgate.errors import LockgateError, ModelNotFoundError, ModelUnavailableError
 from lockgate.ipc import messages as m
 from lockgate.ipc.channel import Link, connect
+from lockgate.ipc.outbox import Outbox
 from lockgate.ipc.slab import RingAllocator, Slab
 from lockgate.loader import tensor_specs
 from lockgate.model import model_metadata
@@ -160,11 +161,10 @@ class RemoteEngine:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
-        self._outbox: list[Any] = []
+        self._outbox: Outbox | None = None
         self._releases: list[int] = []
         #: id(outputs) → the outputs-slab regions those arrays view.
         self._held: dict[int, list[int]] = {}
-        self._flush_scheduled = False
         self._models: dict[tuple[str, str], RemoteModel] = {}
         #: The front end's mirror of the engine's shared-memory regions, if on.
         self.regions: SharedMemoryRegistry | None = None
@@ -186,6 +186,7 @@ class RemoteEngine:
         self._idle = asyncio.Event()
         self._idle.set()
         self._channel = await connect(self._endpoint, self._on_frame, self._on_link_lost)
+        self._outbox = Outbox(self._loop, self._channel, self._take_releases)
         self._send(m.Hello(self._slot, os.getpid(), self._slab.name, self._outputs.name))
 
     def watch_engine(self, pid: int) -> None:
@@ -218,6 +219,8 @@ class RemoteEngine:
                 future.set_exception(error)
         self._pending.clear()
         self._calls.clear()
+        if self._outbox is not None:
+            self._outbox.close()
         assert self._idle is not None
         self._idle.set()
         if self._on_engine_lost is not None:
@@ -246,25 +249,15 @@ class RemoteEngine:
     # --- sending ---------------------------------------------------------------------------
 
     def _send(self, message: Any) -> None:
-        self._outbox.append(message)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            assert self._loop is not None
-            self._loop.call_soon(self._flush)
+        assert self._outbox is not None
+        self._outbox.put(message)
 
-    def _flush(self) -> None:
-        """Everything this loop tick produced, as one frame."""
-        self._flush_scheduled = False
-        if self._releases:
-            self._outbox.append(m.Release(self._releases))
-            self._releases = []
-        if not self._outbox or self.dead:
-            self._outbox.clear()
-            return
-        frame = m.encode(self._outbox)
-        self._outbox = []
-        assert self._channel is not None
-        self._channel.send(frame)
+    def _take_releases(self) -> m.Release | None:
+        """Outputs-slab regions the servicer is done with: one message per frame."""
+        if not self._releases:
+            return None
+        releases, self._releases = self._releases, []
+        return m.Release(releases)
 
     async def call(self, op: str, *args: Any) -> Any:
         """A control operation in the engine process."""
@@ -340,10 +333,8 @@ class RemoteEngine:
         if regions is None or self.dead:
             return
         self._releases.extend(regions)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            assert self._loop is not None
-            self._loop.call_soon(self._flush)
+        assert self._outbox is not None
+        self._outbox.wake()
 
     def _on_error(self, message: m.Error) -> None:
         call = self._calls.get(message.id)
