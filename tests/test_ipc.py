@@ -13,7 +13,17 @@ from hypothesis import strategies as st
 
 from lockgate.errors import ModelNotFoundError, QueueFullError
 from lockgate.ipc import messages as m
-from lockgate.ipc.slab import ALIGN, SHM_DIR, RingAllocator, Slab, remove_slabs, slab_prefix
+from lockgate.ipc.slab import (
+    ALIGN,
+    LEASE,
+    SHM_DIR,
+    RingAllocator,
+    ServerLease,
+    Slab,
+    dead_servers,
+    remove_slabs,
+    slab_prefix,
+)
 from lockgate.remote_engine import ERROR_KINDS, error_from
 
 
@@ -152,3 +162,21 @@ def test_error_kinds_cross_the_hop() -> None:
     assert ERROR_KINDS["ModelNotFoundError"] is ModelNotFoundError
     error = error_from(m.Error(1, "ModelNotFoundError", "unknown model 'x'"))
     assert isinstance(error, ModelNotFoundError) and error.message == "unknown model 'x'"
+
+
+def test_a_held_lease_is_alive_and_an_abandoned_one_is_dead() -> None:
+    """What a SIGKILLed supervisor leaves: a lease file nobody holds a lock on."""
+    live = f"lockgate-{uuid.uuid4().int % 10**9}-"
+    dead = f"lockgate-{uuid.uuid4().int % 10**9}-"
+    lease = ServerLease(live)
+    abandoned = SHM_DIR / f"{dead}{LEASE}"
+    abandoned.write_bytes(b"")  # as the kernel leaves it: no lock
+    try:
+        found = list(dead_servers())
+        assert dead in found
+        assert live not in found
+        assert not list(SHM_DIR.glob(f"{live}*.draft"))
+    finally:
+        lease.close()
+        abandoned.unlink(missing_ok=True)
+    assert not (SHM_DIR / f"{live}{LEASE}").exists()

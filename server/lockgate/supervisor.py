@@ -132,10 +132,11 @@ class Supervisor:
         self.pid = os.getpid()
         self.prefix = slab_prefix(self.pid)
         self._context = multiprocessing.get_context("spawn")
-        #: Named with the prefix, so the next server can remove it if we are SIGKILLed.
-        self._rundir = tempfile.mkdtemp(prefix=self.prefix)
+        #: Made once our lease is held (``run``), named with the prefix: the next
+        #: server removes it if we are SIGKILLed.
+        self._rundir = ""
         #: The engine's Unix socket (ipc/channel.py).
-        self.endpoint = f"{self._rundir}/engine.sock"
+        self.endpoint = ""
         self._engine: multiprocessing.process.BaseProcess | None = None
         self._frontends = [_Frontend(slot) for slot in range(frontends)]
         self._signals = 0
@@ -149,7 +150,6 @@ class Supervisor:
             check_ports(self.config)
         except ListenError as exc:
             log.error("%s", exc)
-            shutil.rmtree(self._rundir, ignore_errors=True)
             return 1
         set_title("supervisor")
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -157,6 +157,8 @@ class Supervisor:
         remove_slabs(self.prefix)  # a previous process with our pid crashed
         self._remove_what_killed_servers_left()
         self._lease = ServerLease(self.prefix)
+        self._rundir = tempfile.mkdtemp(prefix=self.prefix)
+        self.endpoint = f"{self._rundir}/engine.sock"
         try:
             self._start_engine()
             for frontend in self._frontends:
@@ -192,7 +194,8 @@ class Supervisor:
             )
             self._kill_all()
             remove_slabs(self.prefix)
-            shutil.rmtree(self._rundir, ignore_errors=True)
+            if self._rundir:
+                shutil.rmtree(self._rundir, ignore_errors=True)
             logging.shutdown()
             os._exit(1)
 

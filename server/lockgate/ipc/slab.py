@@ -109,15 +109,17 @@ class ServerLease:
 
     def __init__(self, prefix: str) -> None:
         self.path = SHM_DIR / f"{prefix}{LEASE}"
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        # Locked under a name no sweeper looks for, then renamed: a lease is
+        # never seen unlocked while its server lives.
+        draft = self.path.with_name(f"{self.path.name}.{os.getpid()}.draft")
+        fd = os.open(draft, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            # A sweeper may have locked and removed the file between our open
-            # and our lock; then we hold a lock nobody can see: start again.
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    break
+            os.rename(draft, self.path)
+        except BaseException:
             os.close(fd)
+            draft.unlink(missing_ok=True)
+            raise
         self._fd = fd
 
     def close(self) -> None:
