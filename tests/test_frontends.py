@@ -9,6 +9,7 @@ through every front end, and shared memory left in /dev/shm.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -78,6 +79,12 @@ def alive(pid: int) -> bool:
         return stat.read().split(") ", 1)[1][0] != "Z"
 
 
+def named(pid: int, expected: str) -> bool:
+    """Whether process ``pid``'s title (its /proc cmdline) is ``expected``."""
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        return cmdline.read().replace(b"\0", b" ").decode().strip() == expected
+
+
 def wait_for(condition: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + PATIENCE_S
     while not condition():
@@ -143,10 +150,10 @@ def test_processes_are_named_for_their_role(start: Callable[..., ServerProcess])
     }
     assert len(roles) == 3, server.log()
     for pid, role in roles.items():
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            title = cmdline.read().replace(b"\0", b" ").decode().strip()
         expected = "lockgate: engine" if role == "engine" else f"lockgate: frontend-{role[-1]}"
-        assert title == expected
+        # The server is ready once one front end answers; another may still be
+        # importing, before it can name itself.
+        wait_for(functools.partial(named, pid, expected), f"{role}'s title")
     with open(f"/proc/{server.process.pid}/cmdline", "rb") as cmdline:
         assert cmdline.read().startswith(b"lockgate: supervisor")
     # Every log line says which process wrote it.
