@@ -242,6 +242,9 @@ def test_sigterm_under_load_drains_every_process(start: Callable[..., ServerProc
     assert set(load.errors) <= DROPPED, load.errors
     log = server.log()
     assert log.count("drained and stopped") == 2 and "engine stopped" in log
+    # A front end waits for nothing once it has closed its link to the engine.
+    assert "a batch is still running" not in log
+    assert "Traceback" not in log
     assert not stale_slabs(server)
 
 

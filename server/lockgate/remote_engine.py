@@ -242,7 +242,9 @@ class RemoteEngine:
         """
         assert self._idle is not None
         await self._idle.wait()
-        if not self.dead:
+        # Once closed (the server's last drain, after it stopped listening),
+        # the engine can no longer answer: nothing of ours is left to wait for.
+        if not self.dead and self._channel is not None:
             with contextlib.suppress(LockgateError):
                 await self._call("drained")
 
