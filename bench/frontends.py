@@ -51,7 +51,13 @@ from bench.run import (  # noqa: E402
     model_counts,
     request_bytes,
 )
-from bench.serving import ServerProcess, free_port, launch_server, spawn_load  # noqa: E402
+from bench.serving import (  # noqa: E402
+    ServerProcess,
+    free_port,
+    launch_server,
+    process_tree,
+    spawn_load,
+)
 from lockgate_client._loop import run  # noqa: E402
 
 #: (model, callers): what is measured, and why (see the module docstring).
@@ -77,25 +83,6 @@ class Point:
 
 
 # --- the server's CPU -------------------------------------------------------------------
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (the supervisor, engine and front ends)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(") ", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo.extend(children.get(current, []))
-    return tree
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -60,6 +60,25 @@ def spawn_load(
     return dict(json.loads(out))
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (a server: its supervisor, engine and front ends)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(") ", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
     """Return once the server's gRPC health check ("" service) says SERVING.
 

@@ -26,7 +26,13 @@ if str(ROOT) not in sys.path:
     # models/build.py and bench/ are scripts, not installed packages.
     sys.path.insert(0, str(ROOT))
 
-from bench.serving import ServerProcess, free_port, launch_server, wait_ready  # noqa: E402
+from bench.serving import (  # noqa: E402
+    ServerProcess,
+    free_port,
+    launch_server,
+    process_tree,
+    wait_ready,
+)
 
 __all__ = [
     "ROOT",
@@ -36,6 +42,7 @@ __all__ = [
     "launch_server",
     "make_certificates",
     "metric",
+    "process_tree",
     "rpc",
     "scrape",
     "simple_arrays",

@@ -16,21 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from support import ServerProcess
+from support import ServerProcess, process_tree
 
 pytestmark = [
     pytest.mark.frontends(1, 2),
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's"),
 ]
-
-
-def _process_tree(pid: int) -> list[int]:
-    found = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children = (task / "children").read_text().split()
-        for child in children:
-            found.extend(_process_tree(int(child)))
-    return found
 
 
 def _thread_nices(pid: int) -> dict[int, int]:
@@ -63,7 +54,7 @@ def _serve_once(server: ServerProcess) -> None:
 def _lowered(server: ServerProcess, base: int) -> dict[int, list[int]]:
     """pid -> its threads whose nice differs from ``base``; main threads must not."""
     lowered = {}
-    for pid in _process_tree(server.process.pid):
+    for pid in process_tree(server.process.pid):
         nices = _thread_nices(pid)
         assert nices.get(pid, base) == base, f"main thread of {_comm(pid)} was lowered"
         lowered[pid] = [tid for tid, nice in nices.items() if nice != base]
