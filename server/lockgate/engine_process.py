@@ -438,8 +438,7 @@ class EngineProcess:
     # --- messages out ---------------------------------------------------------------------
 
     def _send(self, peer: Peer, message: Any) -> None:
-        if not peer.gone:
-            peer.outbox.put(message)
+        peer.outbox.put(message)  # closed, and so silent, once the front end is gone
 
 
 _DTYPES: dict[str, np.dtype[Any]] = {}

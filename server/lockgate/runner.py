@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from queue import SimpleQueue
@@ -388,22 +389,10 @@ def in_lowered_thread(increment: int, make: Callable[[], T]) -> T:
     """``make()`` in a short-lived thread of lowered priority (what it starts inherits it)."""
     if increment <= 0:
         return make()
-    box: list[Any] = []
-
-    def target() -> None:
-        lower_thread_priority(increment)
-        try:
-            box.append((True, make()))
-        except BaseException as exc:  # re-raised in the caller's thread
-            box.append((False, exc))
-
-    thread = threading.Thread(target=target, name="lockgate-session", daemon=True)
-    thread.start()
-    thread.join()
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value  # type: ignore[no-any-return]
+    with ThreadPoolExecutor(
+        1, "lockgate-session", initializer=lower_thread_priority, initargs=(increment,)
+    ) as thread:
+        return thread.submit(make).result()
 
 
 def run_batch(runner: Runner, batch: list[InferRequest]) -> BatchResult:

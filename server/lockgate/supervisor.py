@@ -141,7 +141,6 @@ class Supervisor:
         self._frontends = [_Frontend(slot) for slot in range(frontends)]
         self._signals = 0
         self._status = 0
-        self._lease: ServerLease | None = None
 
     def run(self) -> int:
         from lockgate.server import ListenError, check_ports
@@ -156,7 +155,7 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         remove_slabs(self.prefix)  # a previous process with our pid crashed
         self._remove_what_killed_servers_left()
-        self._lease = ServerLease(self.prefix)
+        lease = ServerLease(self.prefix)
         self._rundir = tempfile.mkdtemp(prefix=self.prefix)
         self.endpoint = f"{self._rundir}/engine.sock"
         try:
@@ -169,8 +168,7 @@ class Supervisor:
         finally:
             self._kill_all()
             remove_slabs(self.prefix)
-            if self._lease is not None:
-                self._lease.close()
+            lease.close()
             shutil.rmtree(self._rundir, ignore_errors=True)
         return self._status
 
