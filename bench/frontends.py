@@ -13,9 +13,10 @@ the ones issue 11 names:
   by the inferences the server counted;
 * ``simple`` at 1 caller: latency.
 
-The load comes from NVIDIA's ``perf_analyzer`` (C++, several connections)
-when it runs here (docs/benchmarks.md says what it needs), else from a
-Python generator with one channel per caller. ``--frontends-list 1,2,4,8``
+The load comes from NVIDIA's ``perf_analyzer`` (C++, one connection per
+caller: ``TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT=1``) when it runs here
+(docs/benchmarks.md says what it needs), else from a Python generator with
+one channel per caller. ``--frontends-list 1,2,4,8``
 and ``--concurrency`` give the many-core curve. Usage: ``make bench``
 runs it after bench/run.py; alone: ``python bench/frontends.py [--quick]``.
 """
@@ -128,6 +129,11 @@ def perf_analyzer_env() -> dict[str, str] | None:
     if not PERF_ANALYZER.exists():
         return None
     env = dict(os.environ)
+    # One connection per caller (the issue's "one channel per caller"): by
+    # default perf_analyzer shares a connection between up to 6 callers, and
+    # SO_REUSEPORT spreads connections, so 16 callers made 3 connections that
+    # fell 2+1 or 3+0 on two front ends.
+    env.setdefault("TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT", "1")
     cudart = Path("/tmp/cudart/nvidia/cuda_runtime/lib")
     if cudart.is_dir():
         env["LD_LIBRARY_PATH"] = f"{cudart}:{env.get('LD_LIBRARY_PATH', '')}"
