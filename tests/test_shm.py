@@ -105,14 +105,14 @@ def _still_serves(triton: tc.InferenceServerClient) -> None:
 
 
 def _mapped(server: ServerProcess, key: str) -> bool:
-    """Whether the server process has ``key`` mapped (Linux: /proc/PID/maps)."""
-    maps = Path(f"/proc/{server.process.pid}/maps").read_text()
-    return f"/dev/shm/{key.lstrip('/')}" in maps
+    """Whether any of the server's processes has ``key`` mapped (Linux: /proc/PID/maps)."""
+    return bool(_family_maps(server, key))
 
 
 # --- what NVIDIA's simple_grpc_shm_client.py does ---------------------------------------
 
 
+@pytest.mark.frontends(1, 2)
 def test_simple_inputs_and_outputs_in_shared_memory(
     client: tc.InferenceServerClient, server: ServerProcess, regions: Regions
 ) -> None:
@@ -158,11 +158,13 @@ def test_simple_inputs_and_outputs_in_shared_memory(
         client.unregister_system_shared_memory(in_name)
         client.unregister_system_shared_memory(out_name)
     assert in_name not in client.get_system_shared_memory_status().regions
-    # Unregistering unmaps, and never unlinks: the key is the client's.
-    assert not _mapped(server, in_key) and not _mapped(server, out_key)
+    # Unregistering unmaps (in every process: front ends learn of it from the
+    # engine's next snapshot), and never unlinks: the key is the client's.
+    _until(lambda: not _mapped(server, in_key) and not _mapped(server, out_key), "unmapped")
     assert os.path.exists(f"/dev/shm{in_key}")
 
 
+@pytest.mark.frontends(1, 2)
 def test_string_inputs_and_outputs_in_shared_memory(
     client: tc.InferenceServerClient, regions: Regions
 ) -> None:
@@ -198,6 +200,7 @@ def test_string_inputs_and_outputs_in_shared_memory(
         client.unregister_system_shared_memory(out_name)
 
 
+@pytest.mark.frontends(1, 2)
 def test_mixed_inline_and_shared_memory_tensors(
     client: tc.InferenceServerClient, regions: Regions
 ) -> None:
@@ -223,6 +226,7 @@ def test_mixed_inline_and_shared_memory_tensors(
         client.unregister_system_shared_memory(name)
 
 
+@pytest.mark.frontends(1, 2)
 def test_batcher_merges_shared_memory_and_inline_requests(
     client: tc.InferenceServerClient, server: ServerProcess, regions: Regions
 ) -> None:
@@ -457,6 +461,7 @@ REGION = "__region__"
          grpc.StatusCode.NOT_FOUND, ["output 'OUTPUT0'", "'gone'"]),
     ],
 )  # fmt: skip
+@pytest.mark.frontends(1, 2)
 def test_bad_shared_memory_reference(
     client: tc.InferenceServerClient,
     server: ServerProcess,
@@ -485,6 +490,7 @@ def test_bad_shared_memory_reference(
         client.unregister_system_shared_memory(name)
 
 
+@pytest.mark.frontends(1, 2)
 def test_region_shrunk_after_registration(
     client: tc.InferenceServerClient, server: ServerProcess, regions: Regions
 ) -> None:

@@ -559,12 +559,23 @@ def _to_shared_memory(
     placement = placements[name]
     region = lease.get(placement.region)
     assert region is not None  # leased when the request was decoded
+    to_shared_memory(array, datatype, name, region, placement)
+
+
+def to_shared_memory(
+    array: Array, datatype: str, name: str, region: Region, placement: Placement
+) -> int:
+    """Write output ``name`` into ``region`` at ``placement`` as wire bytes; their count.
+
+    INVALID_ARGUMENT, naming the output, if they do not fit.
+    """
     if datatype == "BYTES":
         data = np.frombuffer(serialize_bytes(array), dtype=np.uint8)
     else:
         dtype = WIRE_DTYPES[datatype]
         data = np.ascontiguousarray(array, dtype=dtype).reshape(-1).view(np.uint8)
     shm.write(region, placement, data, f"output '{name}'")
+    return data.nbytes
 
 
 def _to_raw(array: Array, datatype: str) -> bytes:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from lockgate import tracing
+from lockgate.codec import to_shared_memory
 from lockgate.config import ServerConfig
 from lockgate.engine import LocalEngine
 from lockgate.errors import LockgateError, UnsupportedError
@@ -35,8 +36,9 @@ from lockgate.lifecycle import Lifecycle
 from lockgate.model import ModelVersion
 from lockgate.repository import ModelRepository
 from lockgate.request import Array, InferRequest
-from lockgate.shm import Lease, SharedMemoryRegistry
+from lockgate.shm import Lease, Placement, SharedMemoryRegistry
 from lockgate_client._proto import grpc_service_pb2 as pb
+from lockgate_client.datatypes import WIRE_DTYPES
 
 log = logging.getLogger("lockgate.engine")
 
@@ -301,6 +303,7 @@ class EngineProcess:
 
     def _infer(self, peer: Peer, message: m.Infer) -> None:
         lease: Lease | None = None
+        placements = None
         try:
             model = self.repository.get(message.model, message.version)
             inputs = {}
@@ -310,6 +313,9 @@ class EngineProcess:
                     inputs[tensor.name] = self._region_view(lease, tensor)
                 else:
                     inputs[tensor.name] = _view(peer.inputs, tensor)
+            if message.placed:
+                lease = lease or Lease()
+                placements = self._output_placements(lease, message.placed)
         except LockgateError as exc:
             if lease is not None:
                 lease.release()
@@ -326,6 +332,7 @@ class EngineProcess:
             deadline=message.deadline,
             arrival_ns=message.arrival_ns,
             lease=lease,
+            output_placements=placements,
             correlation_id=message.correlation_id,
             sequence_start=message.sequence_start,
             sequence_end=message.sequence_end,
@@ -348,11 +355,26 @@ class EngineProcess:
         data = region.view(tensor.offset, tensor.nbytes, what)
         return data.view(_dtype(tensor.dtype)).reshape(tensor.shape)
 
+    def _output_placements(
+        self, lease: Lease, placed: dict[str, tuple[int, int, int]]
+    ) -> dict[str, Placement]:
+        """Where in client regions to write outputs; each range checked now."""
+        regions = self._regions()
+        placements = {}
+        for name, (ident, offset, byte_size) in placed.items():
+            what = f"output '{name}'"
+            region = regions.lease_id(lease, ident, what)
+            region.check_range(offset, byte_size, what)
+            placements[name] = Placement(region.name, offset, byte_size)
+        return placements
+
     async def _run(
         self, peer: Peer, request_id: int, model: ModelVersion, request: InferRequest
     ) -> None:
         try:
             outputs = await model.infer(request)
+            # First: a region too small for its output fails the request here.
+            placed = _write_placed(model, request, outputs) if request.output_placements else {}
         except LockgateError as exc:
             reply: Any = m.Error(request_id, type(exc).__name__, exc.message)
         except asyncio.CancelledError:
@@ -364,7 +386,7 @@ class EngineProcess:
             reply = m.Result(
                 request_id,
                 model.version,
-                [_put(peer, name, array) for name, array in outputs.items()],
+                [placed.get(name) or _put(peer, name, array) for name, array in outputs.items()],
                 request.dequeue_ns,
                 request.compute_ns,
             )
@@ -470,6 +492,25 @@ def _view(slab: Slab, tensor: m.TensorRef) -> Array:
     else:
         buffer = tensor.data
     return np.frombuffer(buffer, dtype=_dtype(tensor.dtype)).reshape(tensor.shape)
+
+
+def _write_placed(
+    model: ModelVersion, request: InferRequest, outputs: dict[str, Array]
+) -> dict[str, m.TensorRef]:
+    """Write the outputs placed in client regions there (the one copy); their references."""
+    assert request.output_placements is not None and request.lease is not None
+    refs = {}
+    for name, placement in request.output_placements.items():
+        region = request.lease.get(placement.region)
+        assert region is not None  # leased with the request
+        datatype = model.output_datatypes[name]
+        array = outputs[name]
+        nbytes = to_shared_memory(array, datatype, name, region, placement)
+        dtype = WIRE_DTYPES[datatype].str
+        refs[name] = m.TensorRef(
+            name, dtype, array.shape, placement.offset, nbytes, region=region.id
+        )
+    return refs
 
 
 def _put(peer: Peer, name: str, array: Array) -> m.TensorRef:

@@ -316,7 +316,7 @@ class RemoteEngine:
 
     def _on_result(self, message: m.Result) -> None:
         pending = self._finish(message.id)
-        regions = [t.offset for t in message.outputs if t.offset >= 0]
+        regions = [t.offset for t in message.outputs if t.offset >= 0 and not t.region]
         if pending is None or pending.future.done():
             self._releases.extend(regions)
             return
@@ -324,7 +324,10 @@ class RemoteEngine:
         request.dequeue_ns = message.dequeue_ns
         request.compute_ns = message.compute_ns
         request.served_version = message.version
-        outputs = {t.name: self._array(t) for t in message.outputs}
+        outputs = {
+            t.name: _placed_array(t, request) if t.region else self._array(t)
+            for t in message.outputs
+        }
         if regions:
             # Views of our outputs slab: held until the servicer has encoded them.
             self._held[id(outputs)] = regions
@@ -466,6 +469,7 @@ class RemoteEngine:
             correlation_id=request.correlation_id,
             sequence_start=request.sequence_start,
             sequence_end=request.sequence_end,
+            placed=_placed(model, request) if request.output_placements else None,
         )
         future: asyncio.Future[Outputs] = self._loop.create_future()
         pending = _Pending(future, regions, request)
@@ -517,6 +521,29 @@ class RemoteEngine:
         if not self.dead and self._loop is not None:
             failed = m.Failed(model.name, model.version, reason, duration_ns)
             self._loop.call_soon_threadsafe(self._send, failed)
+
+
+def _placed(model: RemoteModel, request: InferRequest) -> dict[str, tuple[int, int, int]]:
+    """Requested outputs the engine writes into client regions itself: one copy, not two.
+
+    BYTES outputs are not among them: the response's encoder needs their
+    values, and only a front end serializes them.
+    """
+    assert request.output_placements is not None and request.lease is not None
+    placed = {}
+    for name, placement in request.output_placements.items():
+        region = request.lease.get(placement.region)
+        if region is not None and model.output_datatypes[name] != "BYTES":
+            placed[name] = (region.id, placement.offset, placement.byte_size)
+    return placed
+
+
+def _placed_array(tensor: m.TensorRef, request: InferRequest) -> Array:
+    """An output the engine wrote into a client region, viewed through our mapping of it."""
+    assert request.lease is not None
+    region = next(r for r in request.lease if r.id == tensor.region)
+    data = region.view(tensor.offset, tensor.nbytes, f"output '{tensor.name}'")
+    return data.view(_dtype(tensor.dtype)).reshape(tensor.shape)
 
 
 _DTYPES: dict[str, np.dtype[Any]] = {}

@@ -399,4 +399,6 @@ def write(region: Region, placement: Placement, data: Bytes, tensor: str) -> Non
         )
     target = region.view(placement.offset, data.nbytes, tensor)
     region.check_object(tensor)
-    target[:] = data
+    if target.ctypes.data != data.ctypes.data:
+        target[:] = data
+    # else ``data`` is this very place: the engine process wrote it (--frontends N).

@@ -27,7 +27,8 @@ class TensorRef(msgspec.Struct, array_like=True, omit_defaults=True):
     #: Bytes inline (slab full), or the elements of a BYTES tensor.
     data: bytes | list[Any] | None = None
     #: Nonzero: the bytes are in the client's shared-memory region of this id
-    #: (the engine's registry), ``offset`` from the region's start.
+    #: (the engine's registry), ``offset`` from the region's start. In a
+    #: ``Result``, the engine has written them there.
     region: int = 0
 
 
@@ -68,6 +69,9 @@ class Infer(msgspec.Struct, tag=2, array_like=True, omit_defaults=True):
     correlation_id: int | str | None = None
     sequence_start: bool = False
     sequence_end: bool = False
+    #: Outputs the engine writes straight into a client's shared-memory
+    #: region: name -> (region id, offset, byte size), from the request.
+    placed: dict[str, tuple[int, int, int]] | None = None
 
 
 class Cancel(msgspec.Struct, tag=3, array_like=True):
