@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -54,6 +53,7 @@ from bench.run import (  # noqa: E402
 )
 from bench.serving import (  # noqa: E402
     ServerProcess,
+    connection_counts,
     free_port,
     launch_server,
     process_tree,
@@ -98,26 +98,8 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def connections(port: int, pids: list[int]) -> str:
-    """Established connections to ``port`` per process of ``pids``, as "a+b" (from /proc)."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                local_port = int(fields[1].rsplit(":", 1)[1], 16)
-                if local_port == port and fields[3] == "01":  # ESTABLISHED
-                    inodes.add(fields[9])
-    counts = []
-    for pid in pids:
-        count = 0
-        with contextlib.suppress(OSError):
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                with contextlib.suppress(OSError):
-                    target = os.readlink(fd)
-                    if target.startswith("socket:[") and target[8:-1] in inodes:
-                        count += 1
-        if count:
-            counts.append(count)
+    """Established connections to ``port`` per process of ``pids``, as "a+b"."""
+    counts = [n for n in connection_counts(port, pids) if n]
     return "+".join(str(c) for c in sorted(counts, reverse=True))
 
 

@@ -28,6 +28,8 @@ if str(ROOT) not in sys.path:
 
 from bench.serving import (  # noqa: E402
     ServerProcess,
+    client_ports,
+    connection_counts,
     free_port,
     launch_server,
     process_tree,
@@ -38,6 +40,8 @@ __all__ = [
     "ROOT",
     "SERVICE",
     "ServerProcess",
+    "client_ports",
+    "connection_counts",
     "free_port",
     "launch_server",
     "make_certificates",

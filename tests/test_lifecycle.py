@@ -26,7 +26,7 @@ import numpy.typing as npt
 import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import ServerProcess, wait_ready
+from support import ServerProcess, client_ports, wait_ready
 from tritonclient.utils import InferenceServerException
 
 from lockgate_client import (
@@ -552,19 +552,6 @@ def test_model_warmup_runs_before_ready(start_server: StartServer, tmp_path: Pat
 
 
 # --- 5. connection recycling --------------------------------------------------------------
-
-
-def client_ports(server_port: int) -> set[int]:
-    """Local ports of the established loopback TCP connections to ``server_port``."""
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as lines:
-            next(lines)
-            for line in lines:
-                local, remote, state = line.split()[1:4]
-                if state == "01" and int(remote.rsplit(":", 1)[1], 16) == server_port:
-                    ports.add(int(local.rsplit(":", 1)[1], 16))
-    return ports
 
 
 @pytest.fixture

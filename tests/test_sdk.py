@@ -7,6 +7,7 @@ private servers from ``start_server`` for restarts, replicas, TLS and auth.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -21,7 +22,14 @@ import grpc
 import numpy as np
 import pytest
 from onnx import helper
-from support import ServerProcess, free_port, simple_arrays
+from support import (
+    ServerProcess,
+    client_ports,
+    connection_counts,
+    free_port,
+    process_tree,
+    simple_arrays,
+)
 
 from lockgate_client import (
     AsyncClient,
@@ -449,6 +457,71 @@ def test_round_robin_across_replicas(start_server: StartServer, small_repository
             counts.append(one.statistics("simple")[0].inference_count)
     assert sum(counts) == 40
     assert all(n > 0 for n in counts), counts
+
+
+def test_each_client_has_its_own_connection(server: ServerProcess) -> None:
+    """gRPC would give every channel of a process one shared connection; ours do not."""
+    before = client_ports(server.grpc_port)
+    with Client(server.url, timeout=30) as first, Client(server.url, timeout=30) as second:
+        first.infer("simple", simple_arrays())
+        second.infer("simple", simple_arrays())
+        assert len(client_ports(server.grpc_port) - before) == 2
+
+
+def test_connections_take_calls_in_turn(server: ServerProcess) -> None:
+    before = client_ports(server.grpc_port)
+    arrays = simple_arrays()
+    with Client(server.url, timeout=30, connections=3) as client:
+        for _ in range(6):
+            out = client.infer("simple", arrays)
+            np.testing.assert_array_equal(out["OUTPUT0"], arrays["INPUT0"] + arrays["INPUT1"])
+        assert len(client_ports(server.grpc_port) - before) == 3
+        with client.stream("simple") as stream:  # a stream stays on one connection
+            for _ in range(3):
+                stream.send(arrays)
+            stream.close()
+            responses = list(stream)
+        assert len(responses) == 3 and all(response.ok for response in responses)
+
+    async def main() -> int:
+        async with AsyncClient(server.url, timeout=30, connections=4) as aclient:
+            await asyncio.gather(*(aclient.infer("simple", arrays) for _ in range(8)))
+            return len(client_ports(server.grpc_port) - before)
+
+    assert asyncio.run(main()) == 4
+    with pytest.raises(ValueError, match="connections"):
+        Client(server.url, connections=0)
+
+
+def test_connections_reach_every_front_end(
+    start_server: StartServer, small_repository: Path
+) -> None:
+    """With --frontends 2, one client with several connections is served by both."""
+    server = start_server(small_repository, "--frontends", "2")
+    deadline = time.monotonic() + 30
+    while len(front_ends := _front_ends(server)) < 2:  # one may still be starting
+        assert time.monotonic() < deadline, front_ends
+        time.sleep(0.1)
+    # The kernel hashes each connection to one front end: 8 connections all on
+    # one of two is a 1-in-128 draw, so a few clients settle it.
+    for _ in range(4):
+        with Client(server.url, timeout=30, connections=8) as client:
+            for _ in range(8):
+                client.infer("simple", simple_arrays())
+            counts = connection_counts(server.grpc_port, front_ends)
+        assert sum(counts) == 8, counts
+        if all(counts):
+            break
+    assert all(counts), counts
+
+
+def _front_ends(server: ServerProcess) -> list[int]:
+    found = []
+    for pid in process_tree(server.process.pid):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().startswith("lockgate: front"):
+                found.append(pid)
+    return found
 
 
 def test_dns_target(server: ServerProcess) -> None:

@@ -280,6 +280,7 @@ class BaseClient:
         compression: str | None = None,
         keepalive: float | None = 60.0,
         metadata: Mapping[str, str] | None = None,
+        connections: int = 1,
     ) -> None:
         self._settings: ChannelSettings = make_settings(
             url,
@@ -291,6 +292,7 @@ class BaseClient:
             compression=compression,
             keepalive=keepalive,
             metadata=metadata,
+            connections=connections,
         )
         if self._settings.secure:
             # Read certificates now, so a wrong path fails here, not on first call.

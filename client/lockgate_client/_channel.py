@@ -99,6 +99,9 @@ class ChannelSettings:
     compression: str | None = None
     keepalive: float | None = 60.0
     metadata: tuple[tuple[str, str], ...] = ()
+    #: Channels the client opens and spreads its calls over, each with its own
+    #: connection to every endpoint.
+    connections: int = 1
 
     @property
     def replicated(self) -> bool:
@@ -123,6 +126,11 @@ class ChannelSettings:
             ("grpc.max_reconnect_backoff_ms", 2000),
             # Re-resolve DNS names quickly so new replicas join the rotation.
             ("grpc.dns_min_time_between_resolutions_ms", 5000),
+            # A connection of this channel's own: by default gRPC gives every
+            # channel of a process with the same target and arguments one
+            # shared connection, so clients (and ``connections``) would all
+            # reach the one server process that accepted it (`--frontends N`).
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if self.keepalive is not None:
             # Pings only while calls are open: servers (Triton's defaults
@@ -189,10 +197,13 @@ def make_settings(
     compression: str | None,
     keepalive: float | None,
     metadata: Mapping[str, str] | None,
+    connections: int = 1,
 ) -> ChannelSettings:
     """Validate the client's constructor arguments into ChannelSettings."""
     if compression is not None and compression not in _COMPRESSION:
         raise ValueError(f"compression must be one of {sorted(_COMPRESSION)} or None")
+    if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
+        raise ValueError(f"connections must be an integer >= 1, got {connections!r}")
     return ChannelSettings(
         target=build_target(url),
         tls=tls,
@@ -204,4 +215,5 @@ def make_settings(
         keepalive=keepalive,
         # gRPC metadata keys must be lowercase.
         metadata=tuple((k.lower(), v) for k, v in (metadata or {}).items()),
+        connections=connections,
     )

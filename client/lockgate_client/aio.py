@@ -50,37 +50,49 @@ class AsyncClient(BaseClient):
     between tasks of the same loop.
     """
 
-    _channel: grpc.aio.Channel | None
-    _stub_instance: Any
+    _channels: list[grpc.aio.Channel]
+    _stubs: list[Any]
 
     def _open(self) -> None:
         # grpc.aio channels belong to the loop they are created in: wait for it.
-        self._channel = None
-        self._stub_instance = None
+        self._channels = []
+        self._stubs = []
+        self._turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def _stub(self) -> Any:
+        """The stub of the channel whose turn it is; the channels open on first use."""
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if self._stub_instance is None or (loop is not None and loop is not self._loop):
+        if not self._stubs or (loop is not None and loop is not self._loop):
             # A channel belongs to the loop that made it: a client used again
-            # under a new loop (a second asyncio.run) needs a new channel, or
+            # under a new loop (a second asyncio.run) needs new channels, or
             # every call fails with "Event loop is closed".
-            self._channel = self._settings.aio_channel()
-            self._stub_instance = service.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+            self._channels = [
+                self._settings.aio_channel() for _ in range(self._settings.connections)
+            ]
+            self._stubs = [
+                service.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+                for channel in self._channels
+            ]
             self._loop = loop
-        return self._stub_instance
+        stubs = self._stubs
+        if len(stubs) == 1:
+            return stubs[0]
+        self._turn = (self._turn + 1) % len(stubs)
+        return stubs[self._turn]
 
     async def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
-        # A channel of a loop that has ended cannot be closed from this one; it is dropped.
-        if self._channel is not None and self._loop is asyncio.get_running_loop():
-            await self._channel.close(None)
-        self._channel = None
-        self._stub_instance = None
+        """Close the channels; calls in flight are cancelled."""
+        # Channels of a loop that has ended cannot be closed from this one; they are dropped.
+        if self._loop is asyncio.get_running_loop():
+            for channel in self._channels:
+                await channel.close(None)
+        self._channels = []
+        self._stubs = []
 
     async def __aenter__(self) -> AsyncClient:
         self._stub  # noqa: B018 - open the channel in the caller's loop

@@ -102,6 +102,13 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     )
     bench.add_argument("--batch", type=int, default=1, help="rows per request (default: 1)")
     bench.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="connections the workers share, in turn; a server with several front-end "
+        "processes (--frontends N) needs several to load them all (default: 1)",
+    )
+    bench.add_argument(
         "--shared-memory",
         choices=["none", "system"],
         default="none",
@@ -380,7 +387,7 @@ def _run_async(coroutine: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]
 async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch < 1 or args.duration <= 0 or args.warmup < 0:
         raise ValueError("--batch must be >= 1, --duration > 0 and --warmup >= 0")
-    options = _client_options(args) | {"retries": 0}
+    options = _client_options(args) | {"retries": 0, "connections": args.connections}
     async with AsyncClient(args.url, **options) as client:
         meta = await client.metadata(args.model, args.version)
         batched = await _batches(client, args.model, args.version, meta)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,8 +41,9 @@ T = TypeVar("T")
 class Client(BaseClient):
     """A blocking client for Lockgate or any KServe v2 / Triton gRPC server.
 
-    Thread-safe: share one instance; it holds one channel (HTTP/2 connections
-    to every endpoint). Use it as a context manager, or call :meth:`close`.
+    Thread-safe: share one instance; it holds one channel (an HTTP/2
+    connection of its own to every endpoint), or ``connections`` of them.
+    Use it as a context manager, or call :meth:`close`.
 
     Args:
         url: ``"host:port"``; a gRPC name such as ``"dns:///svc:8001"`` (calls
@@ -63,15 +65,31 @@ class Client(BaseClient):
         compression: ``"gzip"`` or ``"deflate"`` to compress requests.
         keepalive: seconds between HTTP/2 pings while calls are open (None: off).
         metadata: extra gRPC metadata (headers) sent on every call.
+        connections: channels to open, each with its own connection to every
+            endpoint; calls take them in turn (a stream stays on one). A
+            server with several front-end processes (``--frontends N``) gets
+            each connection to one of them, so a busy client spreads its
+            calls over the server's front ends with more than one.
     """
 
     def _open(self) -> None:
-        self._channel = self._settings.sync_channel()
-        self._stub = service.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._channels = [self._settings.sync_channel() for _ in range(self._settings.connections)]
+        self._stubs = [
+            service.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+            for channel in self._channels
+        ]
+        self._turns = itertools.count()
+
+    @property
+    def _stub(self) -> Any:
+        """The stub of the channel whose turn it is."""
+        stubs = self._stubs
+        return stubs[0] if len(stubs) == 1 else stubs[next(self._turns) % len(stubs)]
 
     def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
-        self._channel.close()
+        """Close the channels; calls in flight are cancelled."""
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> Client:
         return self
