@@ -40,6 +40,7 @@ from tritonclient.utils import (
 
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client._proto import inference_service_pb2_grpc as svc
+from lockgate_client.datatypes import WIRE_DTYPES
 
 Array = npt.NDArray[Any]
 PREFIX = f"lockgate_test_{os.getpid()}_"
@@ -853,6 +854,46 @@ def test_sdk_region_inputs_and_outputs(server: ServerProcess) -> None:
         # close() unregistered it and removed the object.
         assert region.name not in {s.name for s in client.shared_memory_status()}
     assert _sdk_keys() == set()
+
+
+#: The identity models of the test repository: identity_<kind>, one per datatype.
+IDENTITY_KINDS = [k.lower() for k in WIRE_DTYPES if k != "BYTES"] + ["string"]
+
+
+@pytest.mark.frontends(1, 2)
+@pytest.mark.parametrize("kind", IDENTITY_KINDS)
+def test_every_datatype_through_a_region(server: ServerProcess, kind: str) -> None:
+    """Input and output in a region: with --frontends 2 the engine writes the output there."""
+    from lockgate_client import Client
+
+    rng = np.random.default_rng(len(kind))
+    datatype = "BYTES" if kind == "string" else kind.upper()
+    if kind == "string":
+        array: Array = np.array([[f"v{i}" * i for i in range(7)]] * 3, dtype=np.object_)
+    elif kind == "bool":
+        array = rng.integers(0, 2, (3, 7)).astype(np.bool_)
+    elif kind in ("fp16", "fp32", "fp64", "bf16"):
+        wire = np.float32 if kind == "bf16" else WIRE_DTYPES[datatype]
+        array = rng.integers(-60, 60, (3, 7)).astype(wire) / 2  # exact in every width
+    else:
+        info = np.iinfo(WIRE_DTYPES[datatype].str)
+        array = rng.integers(info.min, info.max, (3, 7), dtype=WIRE_DTYPES[datatype])
+    with (
+        Client(server.url, timeout=30) as client,
+        client.create_shared_memory(f"dt_{kind}_{os.getpid()}", 4096) as region,
+    ):
+        placed = region.output(1024)
+        outputs = client.infer(
+            f"identity_{kind}",
+            {"INPUT0": region.write(array, datatype=datatype)},
+            outputs={"OUTPUT0": placed},
+        )
+        got = outputs["OUTPUT0"]
+        if kind == "string":
+            assert [[x.decode() for x in row] for row in got.tolist()] == array.tolist()
+        else:
+            np.testing.assert_array_equal(got, array)
+        del outputs, got
 
 
 def test_sdk_region_bytes(server: ServerProcess) -> None:
