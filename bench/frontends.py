@@ -7,7 +7,10 @@ the ones issue 11 names:
 
 * ``simple`` at 64 callers and ``image_classifier`` at 16: throughput;
 * ``mlp`` at 32 callers: mean batch size (inference_count / execution_count
-  from ModelStatistics): batching must stay whole across front ends;
+  from ModelStatistics): batching must stay whole across front ends; with
+  it the share of the time the model's instance spent computing batches
+  ("busy", from ModelStatistics' batch_stats), since in a closed loop an
+  instance that waits longer between batches gets larger ones;
 * server CPU per request: utime + stime of every server process (the
   supervisor and all its children, from /proc) over the measurement, divided
   by the inferences the server counted;
@@ -48,6 +51,7 @@ from bench.run import (  # noqa: E402
     INFER,
     _percentile,
     build_repository,
+    compute_seconds,
     model_counts,
     request_bytes,
 )
@@ -75,6 +79,8 @@ class Point:
     throughput: float
     p50_ms: float
     mean_batch: float
+    #: Share of the time the model's instance spent computing batches.
+    busy: float
     cpu_ms_per_request: float
     errors: int
     client: str
@@ -197,7 +203,9 @@ def measure(
     port = server.grpc_port
     pids = process_tree(server.process.pid)
     before_counts = model_counts(port, model)
+    before_compute = compute_seconds(port, model)
     before_cpu = cpu_seconds(pids)
+    started = time.monotonic()
     seen: list[str] = []
     # Sampled once the load generator has connected (it runs >= 3 windows).
     sampler = threading.Timer(1.5, lambda: seen.append(connections(port, pids)))
@@ -207,7 +215,9 @@ def measure(
     else:
         result = run_python_load(port, model, callers, seconds)
     used = cpu_seconds(pids) - before_cpu
+    elapsed = time.monotonic() - started
     sampler.cancel()
+    computed = compute_seconds(port, model) - before_compute
     after_counts = model_counts(port, model)
     inferences = after_counts[0] - before_counts[0]
     executions = after_counts[1] - before_counts[1]
@@ -218,6 +228,7 @@ def measure(
         throughput=result["throughput"],
         p50_ms=result["p50_ms"],
         mean_batch=inferences / executions if executions else 0.0,
+        busy=computed / elapsed,
         cpu_ms_per_request=used * 1000 / inferences if inferences else 0.0,
         errors=int(result["errors"]),
         client="perf_analyzer" if env is not None else "python",
@@ -234,6 +245,7 @@ def median_point(points: list[Point]) -> Point:
         throughput=statistics.median(p.throughput for p in points),
         p50_ms=statistics.median(p.p50_ms for p in points),
         mean_batch=statistics.median(p.mean_batch for p in points),
+        busy=statistics.median(p.busy for p in points),
         cpu_ms_per_request=statistics.median(p.cpu_ms_per_request for p in points),
         errors=sum(p.errors for p in points),
         client=first.client,
@@ -287,7 +299,8 @@ def main() -> int:
                     print(
                         f"round {round_number} {model} c={callers} frontends={n}: "
                         f"{point.throughput:,.0f}/s p50 {point.p50_ms:.2f} ms "
-                        f"batch {point.mean_batch:.1f} cpu {point.cpu_ms_per_request:.3f} ms/req"
+                        f"batch {point.mean_batch:.1f} busy {point.busy:.0%} "
+                        f"cpu {point.cpu_ms_per_request:.3f} ms/req"
                         f" connections {point.connections or '?'}",
                         file=sys.stderr,
                     )
@@ -311,12 +324,13 @@ def main() -> int:
 def report(rows: list[Point], counts: list[int]) -> None:
     print(
         f"\n{'model':<18}{'callers':>8}{'fe':>4}{'infer/s':>10}{'p50 ms':>9}"
-        f"{'batch':>7}{'cpu ms/req':>12}{'errors':>8}  connections per process"
+        f"{'batch':>7}{'busy':>6}{'cpu ms/req':>12}{'errors':>8}  connections per process"
     )
     for row in rows:
         print(
             f"{row.model:<18}{row.callers:>8}{row.frontends:>4}{row.throughput:>10,.0f}"
-            f"{row.p50_ms:>9.2f}{row.mean_batch:>7.1f}{row.cpu_ms_per_request:>12.3f}"
+            f"{row.p50_ms:>9.2f}{row.mean_batch:>7.1f}{row.busy:>6.0%}"
+            f"{row.cpu_ms_per_request:>12.3f}"
             f"{row.errors:>8}  {row.connections}"
         )
     base = counts[0]
@@ -331,7 +345,8 @@ def report(rows: list[Point], counts: list[int]) -> None:
         print(
             f"  {model} c={callers} frontends={n}: "
             f"throughput x{row.throughput / ref.throughput:.2f}, p50 x{p50:.2f}, "
-            f"mean batch {row.mean_batch:.1f} vs {ref.mean_batch:.1f}, CPU/request x{cpu:.2f}"
+            f"mean batch {row.mean_batch:.1f} vs {ref.mean_batch:.1f} (instance busy "
+            f"{row.busy:.0%} vs {ref.busy:.0%}), CPU/request x{cpu:.2f}"
         )
 
 

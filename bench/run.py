@@ -269,6 +269,26 @@ def model_counts(port: int, model: str) -> tuple[int, int]:
     return stats.inference_count, stats.execution_count
 
 
+def compute_seconds(port: int, model: str) -> float:
+    """Seconds the model's instances have spent computing batches (ModelStatistics).
+
+    The sum over batch sizes of compute input + infer + output: each batch
+    counted once, however many requests it held.
+    """
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(STATS)
+        reply = pb.ModelStatisticsResponse.FromString(
+            call(pb.ModelStatisticsRequest(name=model).SerializeToString(), timeout=10)
+        )
+    return (
+        sum(
+            b.compute_input.ns + b.compute_infer.ns + b.compute_output.ns
+            for b in reply.model_stats[0].batch_stats
+        )
+        / 1e9
+    )
+
+
 def measure_lockgate(port: int, model: str, concurrency: int, duration: float) -> Row:
     before = model_counts(port, model)
     result = run_load(port, model, concurrency, duration)
