@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -35,7 +36,7 @@ from lockgate.ipc.slab import RingAllocator, Slab
 from lockgate.lifecycle import Lifecycle
 from lockgate.model import ModelVersion
 from lockgate.repository import ModelRepository
-from lockgate.request import Array, InferRequest
+from lockgate.request import Array, InferRequest, Outputs
 from lockgate.shm import Lease, Placement, SharedMemoryRegistry
 from lockgate_client._proto import grpc_service_pb2 as pb
 from lockgate_client.datatypes import WIRE_DTYPES
@@ -57,7 +58,7 @@ class Peer:
         self.outputs = Slab(hello.outputs_slab, 0, create=False)
         #: The engine is the only writer of the outputs slab.
         self.allocator = RingAllocator(self.outputs.size)
-        self.running: dict[int, tuple[asyncio.Task[None], InferRequest]] = {}
+        self.running: dict[int, tuple[asyncio.Future[Outputs], InferRequest]] = {}
         self.outbox = Outbox(loop, identity)
         self.gone = False
 
@@ -293,9 +294,9 @@ class EngineProcess:
             return  # both its connection and its pid said so
         peer.gone = True
         self._peers.pop(peer.identity, None)
-        for task, request in list(peer.running.values()):
+        for future, request in list(peer.running.values()):
             if not request.dequeue_ns:
-                task.cancel()
+                future.cancel()
         log.info("front end %d (pid %d) gone", peer.slot, peer.pid)
         peer.close()
 
@@ -339,12 +340,15 @@ class EngineProcess:
         )
         if message.trace is not None and self.tracer is not None:
             request.trace = self.tracer.remote_parent(message.trace)
-        assert self._loop is not None
-        task = self._loop.create_task(self._run(peer, message.id, model, request))
-        if lease is not None:
-            # A callback, not a finally: a task cancelled before it starts runs no finally.
-            task.add_done_callback(lambda _: _release(request))
-        peer.running[message.id] = (task, request)
+        try:
+            future = model.submit(request)
+        except LockgateError as exc:  # a full queue, an unloading model
+            if lease is not None:
+                _release(request)
+            self._send(peer, m.Error(message.id, type(exc).__name__, exc.message))
+            return
+        future.add_done_callback(functools.partial(self._answer, peer, message.id, model, request))
+        peer.running[message.id] = (future, request)
 
     def _region_view(self, lease: Lease, tensor: m.TensorRef) -> Array:
         """An input in a client's region, viewed through our own mapping of it."""
@@ -368,11 +372,20 @@ class EngineProcess:
             placements[name] = Placement(region.name, offset, byte_size)
         return placements
 
-    async def _run(
-        self, peer: Peer, request_id: int, model: ModelVersion, request: InferRequest
+    def _answer(
+        self,
+        peer: Peer,
+        request_id: int,
+        model: ModelVersion,
+        request: InferRequest,
+        future: asyncio.Future[Outputs],
     ) -> None:
+        """The request's future is done: send its result or error, return its regions."""
+        peer.running.pop(request_id, None)
         try:
-            outputs = await model.infer(request)
+            if future.cancelled():
+                raise asyncio.CancelledError
+            outputs = future.result()
             # First: a region too small for its output fails the request here.
             placed = _write_placed(model, request, outputs) if request.output_placements else {}
         except LockgateError as exc:
@@ -391,7 +404,8 @@ class EngineProcess:
                 request.compute_ns,
             )
         finally:
-            peer.running.pop(request_id, None)
+            if request.lease is not None:
+                _release(request)
         self._send(peer, reply)
 
     # --- control --------------------------------------------------------------------------

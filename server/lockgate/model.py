@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -66,6 +67,17 @@ class ModelVersion:
             return await self._infer_cached(request, self.cache)
         return await self._infer(request)
 
+    def submit(self, request: InferRequest) -> asyncio.Future[Outputs]:
+        """``infer`` as a future, for callers that answer from a callback (the engine process).
+
+        A plain batcher's own future, with the outcome recorded as it
+        resolves: no task per request. Cancelling the future cancels the
+        request.
+        """
+        if self.cache is not None or not isinstance(self.scheduler, Scheduler):
+            return asyncio.ensure_future(self.infer(request))
+        return self._submit(request, self.scheduler)
+
     async def _infer_cached(self, request: InferRequest, cache: ResponseCache) -> Outputs:
         start = time.monotonic_ns()
         key = cache.key(self.name, self.version, request)
@@ -84,23 +96,53 @@ class ModelVersion:
 
     async def _infer(self, request: InferRequest) -> Outputs:
         """Queue ``request``, wait for its batch, and record the outcome."""
+        if isinstance(self.scheduler, Scheduler):
+            return await self._submit(request, self.scheduler)
         try:
             outputs = await self.scheduler.run(request)
         except asyncio.CancelledError:
-            reason, _ = self.lifecycle.cancellation(request.deadline)
-            self.stats.record_failure(reason, time.monotonic_ns() - request.arrival_ns)
+            self._record_cancelled(request)
             raise
         except LockgateError as exc:
-            self.stats.record_failure(exc.reason, time.monotonic_ns() - request.arrival_ns)
+            self._record_failure(request, exc)
             raise
-        end = time.monotonic_ns()
+        self._record_success(request)
+        return outputs
+
+    def _submit(self, request: InferRequest, scheduler: Scheduler) -> asyncio.Future[Outputs]:
+        try:
+            future = scheduler.submit(request)
+        except LockgateError as exc:  # a full queue, an unloading model
+            self._record_failure(request, exc)
+            raise
+        # Before any awaiting task's wake-up: statistics are in place when it resumes.
+        future.add_done_callback(functools.partial(self._record, request))
+        return future
+
+    def _record(self, request: InferRequest, future: asyncio.Future[Outputs]) -> None:
+        if future.cancelled():
+            self._record_cancelled(request)
+            return
+        exc = future.exception()
+        if exc is None:
+            self._record_success(request)
+        elif isinstance(exc, LockgateError):
+            self._record_failure(request, exc)
+
+    def _record_success(self, request: InferRequest) -> None:
         self.stats.record_success(
             request.rows,
-            end - request.arrival_ns,
+            time.monotonic_ns() - request.arrival_ns,
             request.dequeue_ns - request.arrival_ns,
             *request.compute_ns,
         )
-        return outputs
+
+    def _record_failure(self, request: InferRequest, exc: LockgateError) -> None:
+        self.stats.record_failure(exc.reason, time.monotonic_ns() - request.arrival_ns)
+
+    def _record_cancelled(self, request: InferRequest) -> None:
+        reason, _ = self.lifecycle.cancellation(request.deadline)
+        self.stats.record_failure(reason, time.monotonic_ns() - request.arrival_ns)
 
     def record_failure(self, reason: str, duration_ns: int) -> None:
         """Count a request that failed before reaching the scheduler (a bad input)."""
